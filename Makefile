@@ -1,0 +1,35 @@
+# Two environments, chosen on purpose:
+#   .venv       the main job: torch 2.13.0 CPU wheel (small), the package and nothing else.
+#   .venv-test  the test suite: torch 2.14.1 + torchvision 0.29.1, because the conversion
+#               parity tests compare against timm, and timm imports torchvision.
+PY ?= python3
+PIP_FLAGS ?= -q --disable-pip-version-check
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export HF_EVALUATE_OFFLINE ?= 1
+
+.PHONY: demo test test-slow clean
+
+.venv/.installed: pyproject.toml
+	$(PY) -m venv .venv
+	.venv/bin/pip install $(PIP_FLAGS) torch==2.13.0
+	.venv/bin/pip install $(PIP_FLAGS) -e .
+	touch $@
+
+.venv-test/.installed: pyproject.toml
+	$(PY) -m venv .venv-test
+	.venv-test/bin/pip install $(PIP_FLAGS) torch==2.14.1 torchvision==0.29.1
+	.venv-test/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+demo: .venv/.installed
+	.venv/bin/fit3d demo $(ARGS)
+
+test: .venv-test/.installed
+	.venv-test/bin/python -m pytest -m "not slow and not cuda" -q $(ARGS)
+
+test-slow: .venv-test/.installed
+	.venv-test/bin/python -m pytest -m "slow or cuda" -q -rs $(ARGS)
+
+clean:
+	rm -rf .venv .venv-test
