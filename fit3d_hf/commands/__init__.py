@@ -4,6 +4,7 @@ The library modules never parse arguments; these commands (and `recipes/*.py`, w
 them) do. Every command accepts `--config FILE.yaml` with flags overriding the file.
 """
 
+import argparse
 import sys
 from typing import Any
 
@@ -44,4 +45,5 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
             if action.dest in values:
                 action.required = False
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
-    return tuple(o for o in outputs if not isinstance(o, dict))
+    # The extra `--config` option comes back as a Namespace: drop it.
+    return tuple(o for o in outputs if not isinstance(o, argparse.Namespace))
