@@ -1,3 +1,14 @@
 """fit3d_hf: 3D-aware fine-tuning of 2D vision foundation models (FiT3D), Hugging Face native."""
 
+from transformers import AutoConfig, AutoModel
+
+from .configuration_fit3d import FiT3DConfig
+from .modeling_fit3d import FiT3DModel, FiT3DModelOutput
+
 __version__ = "0.1.0"
+
+# `import fit3d_hf` is enough for AutoConfig/AutoModel.from_pretrained on a FiT3D folder.
+AutoConfig.register("fit3d", FiT3DConfig)
+AutoModel.register(FiT3DConfig, FiT3DModel)
+
+__all__ = ["FiT3DConfig", "FiT3DModel", "FiT3DModelOutput", "__version__"]

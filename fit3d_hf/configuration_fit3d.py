@@ -1,0 +1,54 @@
+"""FiT3D model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .backbones import FAMILIES, family_of, preset_kwargs
+
+ASSEMBLIES = ("concat", "finetuned", "original", "add")
+
+
+@strict
+class FiT3DConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`FiT3DModel`]: a frozen original backbone and its 3D-aware fine-tuned copy.
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of both backbones: a `Dinov2Config` (families `dinov2`, `deit3`), a
+            `Dinov2WithRegistersConfig` (`dinov2_reg`), a `CLIPVisionConfig` (`clip`) or a `ViTConfig`
+            (`mae`); build one with `fit3d_hf.backbones.backbone_config` / `preset_config`. Defaults to
+            DINOv2 ViT-S/14.
+        assembly (`str`, *optional*, defaults to `"concat"`):
+            How the two backbones' patch features make the output: `"concat"` (channels
+            `[original, finetuned]`, 2x width, the paper's choice), `"finetuned"`, `"original"` or `"add"`.
+
+    Example:
+
+    ```python
+    >>> from fit3d_hf import FiT3DConfig, FiT3DModel, backbones
+    >>> config = FiT3DConfig(backbone_config=backbones.preset_config("dinov2_small"))
+    >>> model = FiT3DModel(config)
+    ```"""
+
+    model_type = "fit3d"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2", init_kwargs=preset_kwargs("dinov2_small")),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    assembly: str = "concat"
+
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation: a known assembly and backbone family."""
+        if self.assembly not in ASSEMBLIES:
+            raise ValueError(f"assembly must be one of {ASSEMBLIES}, got {self.assembly!r}")
+        if family_of(self.backbone_config) not in FAMILIES:
+            raise ValueError(f"backbone family must be one of {FAMILIES}")
+
+
+__all__ = ["FiT3DConfig"]
+
+# save_pretrained() writes `auto_map` and copies this file, for trust_remote_code loading.
+FiT3DConfig.register_for_auto_class()

@@ -1,0 +1,234 @@
+"""Convert the official FiT3D checkpoints (timm state dicts) into a FiT3DModel folder.
+
+The released FiT3D models are pairs of timm ViT state dicts: the original backbone and the 3D-aware
+fine-tuned one. `convert_checkpoints` maps both onto the transformers classes of `backbones`
+(every source key consumed, every target key filled, or a `ConversionError` listing the keys) and
+writes a `save_pretrained` folder with safetensors weights, the remote-code files and an image
+processor. The folder appears only when everything succeeded.
+"""
+
+import copy
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .backbones import build_backbone, family_of, hidden_size_of, make_image_processor, patch_size_of
+from .configuration_fit3d import FiT3DConfig
+from .modeling_fit3d import FiT3DModel
+
+# Classifier heads of the CLIP and DeiT-III releases: FiT3D uses patch features only.
+DROPPED_KEYS = ("head.weight", "head.bias")
+
+# Per family: block prefix, timm module -> transformers module inside a block, qkv target pattern.
+_BLOCK_NAMES = {
+    "dinov2": (
+        "encoder.layer.{}.",
+        {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"},
+        "attention.{}_proj",
+    ),
+    "clip": (
+        "encoder.layers.{}.",
+        {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"},
+        "self_attn.{}_proj",
+    ),
+    "mae": (
+        "layers.{}.",
+        {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"},
+        "attention.{}_proj",
+    ),
+}
+_BLOCK_NAMES["dinov2_reg"] = _BLOCK_NAMES["deit3"] = _BLOCK_NAMES["dinov2"]
+# timm keeps no position for the prefix tokens of these families; transformers has a CLS row.
+_NO_CLS_POSITION = ("dinov2_reg", "deit3")
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not match the requested family or sizes."""
+
+
+def load_timm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a timm state dict from `.safetensors` or `.pth`/`.pt`/`.bin` (torch.load, weights_only=True).
+
+    A `{"model": ...}` or `{"state_dict": ...}` wrapper and a `module.` prefix (DDP) are removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        state_dict = load_file(path)
+    elif path.suffix in (".pth", ".pt", ".bin"):
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ConversionError(f"{path}: expected a .safetensors, .pth, .pt or .bin file")
+    while isinstance(state_dict, dict) and len(state_dict) == 1 and next(iter(state_dict)) in ("model", "state_dict"):
+        state_dict = next(iter(state_dict.values()))
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ConversionError(f"{path}: not a state dict (a mapping of names to tensors)")
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def detect_family(state_dict: dict[str, torch.Tensor]) -> str:
+    """The FiT3D family of a timm ViT state dict, from the keys only its family has."""
+    if "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
+        raise ConversionError("not a timm ViT state dict: no patch_embed.proj.weight / pos_embed")
+    if "reg_token" in state_dict:
+        return "dinov2_reg"
+    if "norm_pre.weight" in state_dict:
+        return "clip"
+    if any(k.endswith(".ls1.gamma") for k in state_dict):
+        return "dinov2" if state_dict["patch_embed.proj.weight"].shape[-1] == 14 else "deit3"
+    return "mae"
+
+
+def _check_sizes(state_dict: dict[str, torch.Tensor], config) -> None:
+    """Raise a ConversionError naming the first mismatch of family, width, patch size or depth."""
+    family, detected = family_of(config), detect_family(state_dict)
+    patch_weight = state_dict["patch_embed.proj.weight"]
+    if detected != family:
+        raise ConversionError(f"this is a {detected} checkpoint, not {family} (told apart by its keys: reg_token, norm_pre, ls1.gamma, patch size)")
+    if patch_weight.shape[0] != hidden_size_of(config):
+        raise ConversionError(
+            f"checkpoint width {patch_weight.shape[0]} (patch_embed.proj.weight {tuple(patch_weight.shape)}) "
+            f"does not match the {family} config's hidden_size {hidden_size_of(config)}"
+        )
+    if patch_weight.shape[-1] != patch_size_of(config):
+        raise ConversionError(f"checkpoint patch size {patch_weight.shape[-1]} does not match the config's {patch_size_of(config)}")
+    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if depth != config.num_hidden_layers:
+        raise ConversionError(f"checkpoint depth {depth} blocks does not match the config's num_hidden_layers {config.num_hidden_layers}")
+
+
+def position_grid_of(state_dict: dict[str, torch.Tensor], family: str) -> int:
+    """Side of the square patch grid of the checkpoint's position table."""
+    num_patches = state_dict["pos_embed"].shape[1] - (0 if family in _NO_CLS_POSITION else 1)
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ConversionError(f"pos_embed holds {num_patches} patch positions, not a square grid")
+    return side
+
+
+def timm_to_transformers(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """Map a timm ViT state dict onto the state dict of `build_backbone(config)`.
+
+    Every source key is used (except the classifier `DROPPED_KEYS`) and every target key filled;
+    otherwise a ConversionError lists the offending keys.
+    """
+    _check_sizes(state_dict, config)
+    family = family_of(config)
+    block_prefix, block_names, qkv_name = _BLOCK_NAMES[family]
+    clip = family == "clip"
+    swiglu = getattr(config, "use_swiglu_ffn", False)  # DINOv2-giant
+    source = {k: v for k, v in state_dict.items() if k not in DROPPED_KEYS}
+    converted, unused = {}, []
+    for key, value in source.items():
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)", key)
+        if block:
+            index, module, param = block.groups()
+            prefix = block_prefix.format(index)
+            if module == "attn.qkv":
+                for name, part in zip("qkv", value.chunk(3, dim=0)):
+                    converted[prefix + qkv_name.format(name) + "." + param] = part
+            elif module == "mlp.fc1" and swiglu:  # timm packs [gate; up] into one layer
+                for name, part in zip(("gate_proj", "up_proj"), value.chunk(2, dim=0)):
+                    converted[f"{prefix}mlp.{name}.{param}"] = part
+            elif module == "mlp.fc2" and swiglu:
+                converted[f"{prefix}mlp.down_proj.{param}"] = value
+            elif module in ("ls1", "ls2") and param == "gamma":
+                converted[f"{prefix}layer_scale{module[-1]}.lambda1"] = value
+            elif module in block_names:
+                converted[f"{prefix}{block_names[module]}.{param}"] = value
+            else:
+                unused.append(key)
+        elif key == "cls_token":
+            converted["embeddings.class_embedding" if clip else "embeddings.cls_token"] = value.reshape(-1) if clip else value
+        elif key == "reg_token":
+            converted["embeddings.register_tokens"] = value
+        elif key == "pos_embed":
+            if family in _NO_CLS_POSITION:
+                value = torch.cat([value.new_zeros(1, 1, value.shape[2]), value], dim=1)
+            converted["embeddings.position_embedding.weight" if clip else "embeddings.position_embeddings"] = value[0] if clip else value
+        elif key.startswith("patch_embed.proj."):
+            target = "embeddings.patch_embedding." if clip else "embeddings.patch_embeddings.projection."
+            converted[target + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("norm_pre.") and clip:
+            converted["pre_layrnorm." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("norm."):
+            converted[("post_layernorm." if clip else "layernorm.") + key.rsplit(".", 1)[1]] = value
+        else:
+            unused.append(key)
+    expected = build_backbone(config).state_dict()
+    if family == "dinov2_reg":
+        # transformers always has a mask token (unused without bool_masked_pos); timm has none.
+        converted["embeddings.mask_token"] = torch.zeros_like(expected["embeddings.mask_token"])
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    wrong_shape = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in converted.items() if k in expected and v.shape != expected[k].shape]
+    if unused or missing or unexpected or wrong_shape:
+        raise ConversionError(
+            "checkpoint does not map onto the model:"
+            + (f"\n  source keys not used: {unused}" if unused else "")
+            + (f"\n  target keys not filled: {missing}" if missing else "")
+            + (f"\n  target keys that do not exist: {unexpected}" if unexpected else "")
+            + (f"\n  shape mismatches (checkpoint vs model): {wrong_shape}" if wrong_shape else "")
+        )
+    return converted
+
+
+def convert_checkpoints(
+    original: str | os.PathLike,
+    finetuned: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    backbone_config,
+    *,
+    assembly: str = "concat",
+    overwrite: bool = False,
+) -> Path:
+    """Convert a pair of timm state dicts into a FiT3DModel folder at `output_dir`.
+
+    Args:
+        original: the original (frozen) backbone's timm state dict (.pth or .safetensors).
+        finetuned: the FiT3D fine-tuned backbone's timm state dict.
+        output_dir: the folder to write; it must not exist (or `overwrite=True`).
+        backbone_config: the backbone config (`backbones.preset_config(...)`); its `image_size` is
+            set from the checkpoint's position table.
+        assembly: see `FiT3DConfig.assembly`.
+
+    Returns the output folder. On any error nothing is left at `output_dir`.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    config = copy.deepcopy(backbone_config)
+    converted = {}
+    for role, path in (("original", original), ("finetuned", finetuned)):
+        state_dict = load_timm_state_dict(path)
+        try:
+            if role == "original":  # the fine-tuned table must then match it
+                _check_sizes(state_dict, config)
+                config.image_size = position_grid_of(state_dict, family_of(config)) * patch_size_of(config)
+            converted[role] = timm_to_transformers(state_dict, config)
+        except ConversionError as error:
+            raise ConversionError(f"{role} checkpoint {path}: {error}") from None
+    model = FiT3DModel(FiT3DConfig(backbone_config=config, assembly=assembly))
+    model.original.load_state_dict(converted["original"], strict=True)
+    model.finetuned.load_state_dict(converted["finetuned"], strict=True)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        make_image_processor(config).save_pretrained(staging)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
