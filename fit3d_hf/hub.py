@@ -1,0 +1,266 @@
+"""Publishing: benchmark tables, model cards with `model-index`, and uploads to the Hub.
+
+The benchmark (`fit3d_hf.probes.benchmark`) writes a results JSON; this module turns it into
+a markdown table and into `huggingface_hub.EvalResult`s, renders `model_cards/<template>.md`
+into `<model_dir>/README.md`, and uploads folders. It imports no pipeline stage, so the
+fine-tuning loop can write a card at the end of training.
+
+Results JSON (written by `probes.benchmark.write_report`):
+
+```
+{"fit3d_hf_version": "0.1.0",
+ "protocol": {...resolution, iterations, assembly, normalisation, seeds...},
+ "sources": {"original": {"role": "baseline", "description": "..."},
+             "fit3d": {"role": "fit3d", ...}, "blur_control": {"role": "control", ...}},
+ "results": [{"dataset": "synthetic", "split": "test", "task": "segmentation",
+              "metric": "mean_iou", "source": "fit3d", "values": [0.51, 0.52, 0.5],
+              "mean": 0.51, "std": 0.008, "higher_is_better": true}, ...]}
+```
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
+
+from . import __version__
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"
+DEFAULT_TEMPLATE = "fit3d_template"
+
+# metric key in the results JSON -> (display name, model-index metric type)
+METRIC_NAMES = {
+    "mean_iou": ("mIoU", "mean_iou"),
+    "mean_accuracy": ("mean acc", "accuracy"),
+    "overall_accuracy": ("overall acc", "accuracy"),
+    "delta1": ("δ1", "delta1"),
+    "delta2": ("δ2", "delta2"),
+    "delta3": ("δ3", "delta3"),
+    "abs_rel": ("AbsRel", "abs_rel"),
+    "sq_rel": ("SqRel", "sq_rel"),
+    "rmse": ("RMSE", "rmse"),
+    "rmse_log": ("RMSE-log", "rmse_log"),
+    "log10": ("log10", "log10"),
+    "silog": ("SILog", "silog"),
+}
+TASK_TYPES = {
+    "segmentation": ("image-segmentation", "Semantic segmentation (linear probe)"),
+    "depth": ("depth-estimation", "Monocular depth (linear probe)"),
+    "correspondence": ("keypoint-matching", "Multi-view patch correspondence (nearest neighbour)"),
+}
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """Read a results JSON written by the benchmark; errors name the file and what is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    with open(path) as f:
+        results = json.load(f)
+    missing = [key for key in ("protocol", "sources", "results") if key not in results]
+    if missing:
+        raise ValueError(f"{path} is not a fit3d_hf benchmark results file: missing keys {missing}")
+    return results
+
+
+def _ordered_sources(results: dict) -> list[str]:
+    order = {"baseline": 0, "fit3d": 1, "control": 2}
+    names = list(results["sources"])
+    return sorted(names, key=lambda n: (order.get(results["sources"][n].get("role"), 3), names.index(n)))
+
+
+def results_table(results: dict) -> str:
+    """Markdown tables "baseline vs FiT3D" with the controls beside them, one per dataset.
+
+    Each cell is `mean ± std` over probe seeds; other columns also show the difference to
+    the baseline, marked `≈` when it is no larger than the seed spread (the larger of the
+    two standard deviations), i.e. when the seeds cannot tell the two apart.
+    """
+    sources = _ordered_sources(results)
+    baseline = next((n for n in sources if results["sources"][n].get("role") == "baseline"), None)
+    rows: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for row in results["results"]:
+        rows.setdefault((row["dataset"], row["task"], row["metric"]), {})[row["source"]] = row
+    lines: list[str] = []
+    datasets = list(dict.fromkeys(key[0] for key in rows))
+    for dataset in datasets:
+        header = ["task", "metric"] + [f"{n} ({results['sources'][n].get('role', '')})" for n in sources]
+        lines += [f"**{dataset}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for (ds, task, metric), by_source in rows.items():
+            if ds != dataset:
+                continue
+            any_row = next(iter(by_source.values()))
+            arrow = "↑" if any_row.get("higher_is_better", True) else "↓"
+            cells = [task, f"{METRIC_NAMES.get(metric, (metric,))[0]} {arrow}"]
+            base = by_source.get(baseline)
+            for name in sources:
+                row = by_source.get(name)
+                if row is None:
+                    cells.append("–")
+                    continue
+                cell = f"{row['mean']:.4f} ± {row['std']:.4f}"
+                if base is not None and name != baseline:
+                    diff = row["mean"] - base["mean"]
+                    within = abs(diff) <= max(row["std"], base["std"])
+                    cell += f" ({diff:+.4f}{' ≈' if within else ''})"
+                cells.append(cell)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    n_seeds = len(results["protocol"].get("seeds", []))
+    lines.append(
+        f"mean ± std over {n_seeds} probe seed(s); (±x) is the difference to the baseline; "
+        "≈ marks a difference no larger than the spread (the larger of the two std)."
+    )
+    if any(row["task"] == "correspondence" for row in results["results"]):
+        lines.append("Correspondence recall has no probe: its ± is the spread over test scenes.")
+    return "\n".join(lines)
+
+
+def eval_results_from(results: dict, source: str | None = None) -> list[EvalResult]:
+    """`model-index` entries for one source (default: the one whose role is "fit3d")."""
+    if source is None:
+        source = next((n for n, s in results["sources"].items() if s.get("role") == "fit3d"), None)
+        if source is None:
+            raise ValueError(f"no source with role 'fit3d' in results (sources: {list(results['sources'])})")
+    if source not in results["sources"]:
+        raise ValueError(f"source {source!r} not in results (sources: {list(results['sources'])})")
+    entries = []
+    for row in results["results"]:
+        if row["source"] != source:
+            continue
+        task_type, task_name = TASK_TYPES.get(row["task"], (row["task"], row["task"]))
+        display, metric_type = METRIC_NAMES.get(row["metric"], (row["metric"], row["metric"]))
+        over = "test scenes" if row["task"] == "correspondence" else "probe seeds"
+        entries.append(
+            EvalResult(
+                task_type=task_type,
+                task_name=task_name,
+                dataset_type=row["dataset"],
+                dataset_name=row["dataset"],
+                dataset_split=row.get("split", "test"),
+                metric_type=metric_type,
+                metric_name=f"{display} (mean of {len(row['values'])} {over}, std {row['std']:.4f})",
+                metric_value=round(float(row["mean"]), 6),
+            )
+        )
+    return entries
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to a temporary file beside `path`, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_model_card(
+    model_dir: str | os.PathLike,
+    *,
+    eval_results_path: str | os.PathLike | None = None,
+    extra: dict[str, Any] | None = None,
+    template: str = DEFAULT_TEMPLATE,
+) -> Path:
+    """Render `model_cards/<template>.md` into `<model_dir>/README.md` and return its path.
+
+    Args:
+        model_dir: a FiT3DModel folder (its `config.json` gives backbone and assembly).
+        eval_results_path: a benchmark results JSON; fills `model-index` (the "fit3d" source)
+            and the results table. Without it the card says that no benchmark was run.
+        extra: template variables and card metadata, e.g. `model_name`, `base_model`,
+            `datasets`, `tags`, `license`, `training` (free text: steps, lr, scenes...).
+            Keys named like `ModelCardData` fields go to the YAML header; all are passed
+            to the template.
+        template: name of a template in `fit3d_hf/model_cards/` (without `.md`) or a path.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    template_path = Path(template) if template.endswith(".md") else TEMPLATES_DIR / f"{template}.md"
+    if not template_path.is_file():
+        raise FileNotFoundError(f"model card template not found: {template_path}")
+    extra = dict(extra or {})
+
+    config = {}
+    if (model_dir / "config.json").is_file():
+        with open(model_dir / "config.json") as f:
+            config = json.load(f)
+    backbone = config.get("backbone_config") or {}
+    variables: dict[str, Any] = {
+        "model_name": extra.pop("model_name", model_dir.resolve().name),
+        "assembly": config.get("assembly", "unknown"),
+        "backbone_type": backbone.get("model_type", config.get("model_type", "unknown")),
+        "hidden_size": backbone.get("hidden_size"),
+        "patch_size": backbone.get("patch_size"),
+        "package_version": __version__,
+        "results_table": None,
+        "protocol": None,
+    }
+    eval_results = None
+    if eval_results_path is not None:
+        results = load_results(eval_results_path)
+        eval_results = eval_results_from(results) or None
+        variables["results_table"] = results_table(results)
+        variables["protocol"] = json.dumps(results["protocol"], indent=2, sort_keys=True)
+
+    card_fields = ("base_model", "datasets", "language", "license", "metrics", "pipeline_tag", "tags")
+    card_kwargs = {key: extra[key] for key in card_fields if key in extra}
+    card_kwargs.setdefault("library_name", "transformers")
+    card_kwargs.setdefault("license", "apache-2.0")
+    card_kwargs["tags"] = list(dict.fromkeys(["fit3d", "feature-extraction", "3d-aware"] + list(card_kwargs.get("tags") or [])))
+    card_data = ModelCardData(model_name=variables["model_name"], eval_results=eval_results, **card_kwargs)
+    variables.update(extra)
+    card = ModelCard.from_template(card_data, template_path=str(template_path), **variables)
+    out = model_dir / "README.md"
+    atomic_write_text(out, str(card))
+    return out
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    repo_type: str = "model",
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Create `repo_id` if needed and upload `folder` to it; return the commit URL.
+
+    A model folder (config.json, model.safetensors, preprocessor_config.json, README.md) goes
+    up as is; for a dataset, pass a folder written by `Dataset.save_to_disk` or a folder of
+    parquet/json files with `repo_type="dataset"`. Files matching `.*`, `*.tmp` and
+    `checkpoint*/` are not uploaded.
+    """
+    folder = Path(folder)
+    if repo_type not in ("model", "dataset"):
+        raise ValueError(f"repo_type must be 'model' or 'dataset', got {repo_type!r}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder to upload not found: {folder}")
+    if not any(folder.iterdir()):
+        raise ValueError(f"folder to upload is empty: {folder}")
+    if repo_type == "model":
+        has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+        if not (folder / "config.json").is_file() or not has_weights:
+            raise ValueError(
+                f"{folder} is not a model folder: it needs config.json and *.safetensors "
+                "(use repo_type='dataset' for a dataset)"
+            )
+    create_repo(repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True)
+    info = upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type=repo_type,
+        token=token,
+        commit_message=commit_message or f"Upload {repo_type} with fit3d_hf {__version__}",
+        ignore_patterns=[".*", "*.tmp", "checkpoint*/**"],
+    )
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,410 @@
+"""Probe benchmark: original vs FiT3D features, with controls, over several probe seeds.
+
+Entry points:
+
+```python
+from fit3d_hf.probes.benchmark import BenchmarkConfig, benchmark_on_scenes, write_report
+
+sources = {                                   # name -> frozen feature source
+    "original": backbone,                     # a transformers backbone (the baseline)
+    "fit3d": fit3d_model,                     # a FiT3DModel (its assembly decides the features)
+    "finetuned_only": fit3d_finetuned_alone,  # controls: any model, or a list of models whose
+    "blur_control": blur_finetuned,           #   features are concatenated channel-wise,
+    "concat_random": [backbone, random_vit],  #   e.g. original + an unrelated random-init ViT
+}
+results = benchmark_on_scenes(sources, train_scenes, test_scenes, BenchmarkConfig.cpu_preset(),
+                              roles={"original": "baseline", "fit3d": "fit3d"})
+write_report(results, "runs/eval")           # results.json + results.md
+```
+
+`benchmark_on_scenes` trains probes on every view of the training scenes and tests them on
+every view of unseen scenes (probes trained and tested on one room partly memorise it), and
+measures multi-view correspondence recall on the test scenes. `run_benchmark` does the same
+over any `EvalDataset` pair (see `probes.datasets`). Every source's features are extracted
+once (frozen, eval mode) and reused by each probe seed; with `cache_dir` they are kept on
+disk together with finished probe runs, so an interrupted benchmark resumes.
+"""
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .. import __version__, backbones
+from ..hub import atomic_write_text, results_table
+from .correspondence import correspondence_recall, view_pairs
+from .datasets import EvalDataset, from_scenes
+from .metrics import DEPTH_HIGHER_IS_BETTER, DEPTH_KEYS, DepthMetrics, MeanIoU
+from .train import ProbeConfig, build_head, predict, train_probe
+
+FeatureSource = PreTrainedModel | list[PreTrainedModel] | tuple[PreTrainedModel, ...]
+SEG_METRICS = ("mean_iou", "mean_accuracy", "overall_accuracy")
+
+
+def _arg(text: str, default=None, *, factory=None):
+    """A dataclass field with `--help` text (HfArgumentParser reads `metadata["help"]`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class BenchmarkConfig:
+    """Protocol of the probe benchmark. Defaults are the paper's (DINOv2 linear probes, as in
+    FiT3D's evaluation configs); `cpu_preset()` is the synthetic-room benchmark in minutes."""
+
+    image_height: int = _arg("Height fed to every source, rounded down to a multiple of its patch size (labels keep their own size).", 448)
+    image_width: int = _arg("Width fed to every source, rounded down likewise.", 448)
+    tasks: list[str] = _arg("Any of segmentation, depth, correspondence.", factory=lambda: ["segmentation", "depth", "correspondence"])
+    seeds: list[int] = _arg("Probe seeds; results report their mean and std.", factory=lambda: [0, 1, 2])
+    seg_iterations: int = _arg("Segmentation probe: optimizer steps.", 40000)
+    seg_batch_size: int = _arg("Segmentation probe: images per step and process.", 16)
+    seg_lr: float = _arg("Segmentation probe: AdamW lr (poly schedule, power 1).", 1e-3)
+    seg_weight_decay: float = _arg("Segmentation probe: AdamW weight decay.", 1e-4)
+    seg_warmup_iterations: int = _arg("Segmentation probe: linear warm-up steps (from 1e-6 lr).", 1500)
+    depth_iterations: int = _arg("Depth probe: optimizer steps.", 38400)
+    depth_batch_size: int = _arg("Depth probe: images per step and process.", 16)
+    depth_lr: float = _arg("Depth probe: AdamW lr (cosine schedule).", 1e-4)
+    depth_weight_decay: float = _arg("Depth probe: AdamW weight decay.", 1e-2)
+    depth_warmup_iterations: int = _arg("Depth probe: linear warm-up steps (from 1e-3 lr).", 12800)
+    depth_sig_warmup_iterations: int = _arg("Depth probe: steps during which SigLoss keeps only its mean term (mmdepth warm-up).", 100)
+    feature_batch_size: int = _arg("Images per forward pass when extracting features.", 8)
+    correspondence_thresholds_px: list[float] = _arg("Pixel radii of the correspondence recall.", factory=lambda: [4.0, 8.0, 16.0])
+    correspondence_pair_offsets: list[int] = _arg("View pairs (i, i + k) per test scene for the correspondence metric.", factory=lambda: [1, 2])
+    cache_dir: str | None = _arg("Keep extracted features and finished probe runs here, to resume (default: <output_dir>/cache).", None)
+    progress: bool = _arg("Show progress bars.", True)
+
+    @classmethod
+    def cpu_preset(cls, **overrides) -> "BenchmarkConfig":
+        """Synthetic-room benchmark on a CPU in minutes: 120×160 rooms fed at 96×128."""
+        values = dict(
+            image_height=96, image_width=128, seg_iterations=300, seg_batch_size=8, seg_warmup_iterations=20,
+            depth_iterations=200, depth_batch_size=4, depth_warmup_iterations=20, depth_sig_warmup_iterations=10,
+            correspondence_thresholds_px=[8.0, 16.0, 32.0],
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def probe_config(self, task: str) -> ProbeConfig:
+        if task == "segmentation":
+            return ProbeConfig("segmentation", self.seg_iterations, self.seg_batch_size, self.seg_lr, self.seg_weight_decay,
+                               "poly", self.seg_warmup_iterations, warmup_ratio=1e-6)
+        return ProbeConfig("depth", self.depth_iterations, self.depth_batch_size, self.depth_lr, self.depth_weight_decay,
+                           "cosine", self.depth_warmup_iterations, warmup_ratio=1e-3,
+                           sig_warmup_iterations=self.depth_sig_warmup_iterations)
+
+
+def _models(source: FeatureSource) -> list[PreTrainedModel]:
+    return list(source) if isinstance(source, (list, tuple)) else [source]
+
+
+def input_size(source: FeatureSource, config: BenchmarkConfig) -> tuple[int, int]:
+    """(H, W) fed to a source: the configured size rounded down to every model's patch size."""
+    patch = 1
+    for model in _models(source):
+        patch = math.lcm(patch, backbones.patch_size_of(model.config))
+    if config.image_height < patch or config.image_width < patch:
+        raise ValueError(f"image size {config.image_height}x{config.image_width} is smaller than the patch size {patch}")
+    return config.image_height // patch * patch, config.image_width // patch * patch
+
+
+def describe_source(source: FeatureSource, config: BenchmarkConfig) -> dict:
+    """What the protocol records about a source: models, assembly, normalisation, input size."""
+    models = []
+    for model in _models(source):
+        mean, std = backbones.image_mean_std(model.config)
+        models.append({
+            "class": type(model).__name__,
+            "family": backbones.family_of(model.config),
+            "assembly": getattr(model.config, "assembly", None),
+            "hidden_size": backbones.hidden_size_of(model.config),
+            "patch_size": backbones.patch_size_of(model.config),
+            "normalisation": {"mean": list(mean), "std": list(std)},
+            "name_or_path": getattr(model.config, "_name_or_path", "") or None,
+        })
+    return {"models": models, "combination": "concat" if len(models) > 1 else "single", "input_size": list(input_size(source, config))}
+
+
+def _weights_checksum(source: FeatureSource) -> str:
+    """A checksum of a source's weights (class, names, shapes, sums): part of every cache key."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for model in _models(source):
+            digest.update(type(model).__name__.encode())
+            for name, param in model.state_dict().items():
+                digest.update(f"{name}{tuple(param.shape)}{float(param.double().sum()):.10e}".encode())
+    return digest.hexdigest()
+
+
+def _cache_key(*parts) -> str:
+    return hashlib.sha256(json.dumps([__version__, *parts], default=str).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def extract_source_features(source: FeatureSource, images, size: tuple[int, int], *, batch_size: int = 8,
+                            device: torch.device | str = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
+    """Frozen features of one source for a sequence of images.
+
+    images: `[N, 3, H, W]` or anything indexable giving `[3, H_i, W_i]` in [0, 1] (sizes may
+    differ; an `EvalDataset`'s images are read lazily); each is resized to `size` (bilinear, antialiased),
+    normalised per model and passed through `backbones.extract_features`; a list of models
+    has its features concatenated on the channel axis. Returns float16 CPU tensors
+    `feature_maps` / `unnormed_feature_maps` `[N, C, h, w]` and `cls_token` /
+    `unnormed_cls_token` `[N, C]`.
+    """
+    keys = ("feature_maps", "unnormed_feature_maps", "cls_token", "unnormed_cls_token")
+    chunks: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    models = _models(source)
+    for model in models:
+        model.eval().to(device)
+    for start in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
+        batch = torch.cat([
+            F.interpolate(images[i][None].to(device, torch.float32), size=size, mode="bilinear", align_corners=False, antialias=True)
+            for i in range(start, min(start + batch_size, len(images)))
+        ]).clamp(0, 1)
+        outputs = [backbones.extract_features(model, backbones.normalize(batch, model.config)) for model in models]
+        for key in keys:
+            chunks[key].append(torch.cat([getattr(o, key) for o in outputs], dim=1).half().cpu())
+    return {key: torch.cat(value) for key, value in chunks.items()}
+
+
+class _Images:
+    """The images of an EvalDataset, read one at a time."""
+
+    def __init__(self, data: EvalDataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.data[index]["image"]
+
+
+def _cached(path: Path | None, compute):
+    if path is not None and path.is_file():
+        return load_file(path)
+    value = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write the same cache
+        save_file({k: v.contiguous() for k, v in value.items()}, tmp)
+        os.replace(tmp, path)
+    return value
+
+
+TARGET_KEYS = {"segmentation": "semantics", "depth": "depth_m"}
+
+
+def training_targets(data: EvalDataset, tasks: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Targets `[N, H, W]` per task at the features' input size, read in one pass: nearest
+    resizing keeps labels and depths exact values; labels are stored as uint8 (255 = ignore)."""
+    out = {"segmentation": torch.empty(len(data), *size, dtype=torch.uint8), "depth": torch.empty(len(data), *size)}
+    for i in range(len(data)):
+        item = data[i]
+        for task in tasks:
+            out[task][i] = F.interpolate(item[TARGET_KEYS[task]][None, None].float(), size=size, mode="nearest")[0, 0]
+    return {task: out[task] for task in tasks}
+
+
+def _summary(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
+
+
+def run_benchmark(
+    sources: dict[str, FeatureSource],
+    train_data: EvalDataset,
+    test_data: EvalDataset,
+    config: BenchmarkConfig,
+    *,
+    roles: dict[str, str] | None = None,
+    descriptions: dict[str, str] | None = None,
+    correspondence_scenes: list | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict:
+    """Train and test linear probes for every source; return the results dict (see `fit3d_hf.hub`).
+
+    Args:
+        sources: name -> a transformers backbone, a FiT3DModel, or a list of models whose
+            features are concatenated (e.g. the "concat with a random-init backbone" control).
+        train_data, test_data: `EvalDataset`s with the same labels (num_labels, max_depth).
+        config: the protocol.
+        roles: name -> "baseline" | "fit3d" | "control"; default: first source is the
+            baseline, second is FiT3D, the rest are controls.
+        descriptions: name -> one line saying what the source is (goes into the JSON).
+        correspondence_scenes: `Scene`s with depth and cameras for the correspondence metric.
+        accelerator: runs the probes (a CPU one is made when None).
+    """
+    if not sources:
+        raise ValueError("no feature sources given")
+    unknown_tasks = sorted(set(config.tasks) - {"segmentation", "depth", "correspondence"})
+    if unknown_tasks:
+        raise ValueError(f"unknown tasks {unknown_tasks} (segmentation, depth, correspondence)")
+    if not config.seeds:
+        raise ValueError("give at least one probe seed")
+    names = list(sources)
+    roles = dict(roles or {})
+    for i, name in enumerate(names):
+        roles.setdefault(name, "baseline" if i == 0 else "fit3d" if i == 1 else "control")
+    bad_roles = {n: r for n, r in roles.items() if n not in sources or r not in ("baseline", "fit3d", "control")}
+    if bad_roles:
+        raise ValueError(f"bad roles {bad_roles}: names must be sources {names}, roles baseline/fit3d/control")
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    probe_tasks = [t for t in ("segmentation", "depth") if t in config.tasks and t in train_data.tasks and t in test_data.tasks]
+    if "segmentation" in probe_tasks and train_data.num_labels != test_data.num_labels:
+        raise ValueError(f"train ({train_data.num_labels}) and test ({test_data.num_labels}) num_labels differ")
+    if "segmentation" in probe_tasks and train_data.num_labels > 255:
+        raise ValueError(f"{train_data.name}: at most 255 classes are supported, got {train_data.num_labels}")
+    rows = []
+    for name in names:
+        source, size = sources[name], input_size(sources[name], config)
+        show = config.progress and accelerator.is_main_process
+        weights = _weights_checksum(source) if cache else ""
+        features = {}
+        for split, data in (("train", train_data), ("test", test_data)):
+            if not probe_tasks:
+                break
+            key = _cache_key(weights, data.name, len(data), size)
+            path = cache / "features" / f"{name}-{split}-{key}.safetensors" if cache else None
+            features[split] = _cached(path, lambda: extract_source_features(
+                source, _Images(data), size, batch_size=config.feature_batch_size, device=accelerator.device, progress=show))
+        all_targets = training_targets(train_data, probe_tasks, size) if probe_tasks else {}
+        for task in probe_tasks:
+            targets = all_targets[task].long() if task == "segmentation" else all_targets[task]
+            feature_key, cls_key = ("feature_maps", None) if task == "segmentation" else ("unnormed_feature_maps", "unnormed_cls_token")
+            per_seed: dict[str, list[float]] = {}
+            run_key = _cache_key(weights, train_data.name, len(train_data), test_data.name, len(test_data), size,
+                                 asdict(config.probe_config(task)))
+            for seed in config.seeds:
+                run_path = cache / "runs" / f"{name}-{task}-{seed}-{run_key}.json" if cache else None
+                if run_path is not None and run_path.is_file():
+                    scores = json.loads(run_path.read_text())
+                else:
+                    torch.manual_seed(seed)
+                    head = build_head(task, features["train"][feature_key].shape[1], num_labels=train_data.num_labels,
+                                      max_depth=train_data.max_depth, min_depth=train_data.min_depth).to(accelerator.device)
+                    head = train_probe(head, features["train"][feature_key], targets, config.probe_config(task),
+                                       cls_token=None if cls_key is None else features["train"][cls_key], seed=seed,
+                                       accelerator=accelerator, progress=show)
+                    scores = _score(head, task, features["test"], feature_key, cls_key, test_data)
+                    if run_path is not None and accelerator.is_main_process:
+                        run_path.parent.mkdir(parents=True, exist_ok=True)
+                        atomic_write_text(run_path, json.dumps(scores))
+                for metric, value in scores.items():
+                    per_seed.setdefault(metric, []).append(value)
+            for metric, values in per_seed.items():
+                mean, std = _summary(values)
+                rows.append(dict(dataset=test_data.name, split="test", task=task, metric=metric, source=name, values=values,
+                                 mean=mean, std=std, higher_is_better=task == "segmentation" or DEPTH_HIGHER_IS_BETTER.get(metric, False)))
+        if "correspondence" in config.tasks and correspondence_scenes:
+            rows += _correspondence_rows(name, source, size, correspondence_scenes, config, accelerator, test_data.name)
+
+    protocol = {
+        "package_version": __version__,
+        "image_size": [config.image_height, config.image_width],
+        "train_dataset": {"name": train_data.name, "images": len(train_data)},
+        "test_dataset": {"name": test_data.name, "images": len(test_data), "max_depth": test_data.max_depth,
+                         "num_labels": test_data.num_labels, "eval_crop": test_data.eval_crop},
+        "seeds": list(config.seeds),
+        "segmentation_probe": asdict(config.probe_config("segmentation")) | {"head": "BatchNorm + 1x1 conv on normed last-layer patch features; CE ignore 255"},
+        "depth_probe": asdict(config.probe_config("depth")) | {"head": "unnormed last-layer patches + CLS, x4 upsample, 1x1 conv to 256 bins; SigLoss + 0.5 gradient loss"},
+        "correspondence": {"thresholds_px": list(config.correspondence_thresholds_px), "pair_offsets": list(config.correspondence_pair_offsets),
+                           "scenes": [s.scene_id for s in correspondence_scenes or []]},
+        "tasks": list(config.tasks),
+        "features": "extracted once per image, frozen, no augmentation",
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+    }
+    return {
+        "fit3d_hf_version": __version__,
+        "protocol": protocol,
+        "sources": {name: {"role": roles[name], "description": (descriptions or {}).get(name, ""), **describe_source(sources[name], config)} for name in names},
+        "results": rows,
+    }
+
+
+def _score(head, task: str, features: dict, feature_key: str, cls_key: str | None, test_data: EvalDataset) -> dict[str, float]:
+    """Test metrics of a trained probe, one image at a time at its own label size."""
+    if task == "segmentation":
+        metric = MeanIoU(num_labels=test_data.num_labels, keep_in_memory=True)
+    else:
+        metric = DepthMetrics(max_depth=test_data.max_depth, min_depth=test_data.min_depth, keep_in_memory=True)
+    for i in range(len(test_data)):
+        target = test_data[i][TARGET_KEYS[task]]
+        cls = None if cls_key is None else features[cls_key][i : i + 1]
+        pred = predict(head, features[feature_key][i : i + 1], tuple(target.shape), cls_token=cls)
+        if task == "depth":
+            # pixels outside the evaluation crop count as invalid ground truth
+            target = torch.where(test_data.eval_mask(target), target, 0)
+        metric.add_batch(predictions=pred, references=target[None])
+    out = metric.compute()
+    return {key: out[key] for key in SEG_METRICS} if task == "segmentation" else {key: out[key] for key in DEPTH_KEYS}
+
+
+def _correspondence_rows(name, source, size, scenes, config, accelerator, dataset_name) -> list[dict]:
+    per_scene: dict[str, list[float]] = {}
+    for scene in scenes:
+        if scene.depth_m is None:
+            raise ValueError(f"scene {scene.scene_id} has no depth_m: the correspondence metric needs depth and cameras")
+        feats = extract_source_features(source, scene.images(), size, batch_size=config.feature_batch_size, device=accelerator.device)
+        pairs = view_pairs(scene.num_views, config.correspondence_pair_offsets)
+        scores = correspondence_recall(feats["feature_maps"], scene.depth_m, scene.intrinsics, scene.world_to_camera, pairs, config.correspondence_thresholds_px)
+        scores.pop("num_correspondences")
+        for metric, value in scores.items():
+            per_scene.setdefault(metric, []).append(value)
+    rows = []
+    for metric, values in per_scene.items():
+        mean, std = _summary(values)
+        rows.append(dict(dataset=dataset_name, split="test", task="correspondence", metric=metric, source=name, values=values,
+                         mean=mean, std=std, higher_is_better=True, spread="over test scenes (deterministic: no probe)"))
+    return rows
+
+
+def benchmark_on_scenes(sources: dict[str, FeatureSource], train_scenes: list, test_scenes: list, config: BenchmarkConfig, **kwargs) -> dict:
+    """`run_benchmark` on posed scenes (e.g. `scenes.synthetic.make_rooms`): probes train on
+    every view of `train_scenes` and are tested on every view of the unseen `test_scenes`,
+    where the correspondence metric is measured too. kwargs go to `run_benchmark`."""
+    # one depth range for both splits, so train and test probes share their bins
+    depths = [float(s.depth_m.max()) for s in [*train_scenes, *test_scenes] if s.depth_m is not None]
+    max_depth = float(int(max(depths)) + 1) if depths else None
+    train = from_scenes(train_scenes, views="all", name="synthetic", max_depth=max_depth)
+    test = from_scenes(test_scenes, views="all", name="synthetic", max_depth=max_depth)
+    kwargs.setdefault("correspondence_scenes", list(test_scenes))
+    return run_benchmark(sources, train, test, config, **kwargs)
+
+
+def write_report(results: dict, output_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write `results.json` and `results.md` (the "baseline vs FiT3D" tables) atomically."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / "results.json", output_dir / "results.md"
+    atomic_write_text(json_path, json.dumps(results, indent=2))
+    protocol = results["protocol"]
+    lines = [
+        "# Probe benchmark: baseline vs FiT3D",
+        "",
+        f"fit3d_hf {results['fit3d_hf_version']}; trained on {protocol['train_dataset']['name']} "
+        f"({protocol['train_dataset']['images']} images), tested on {protocol['test_dataset']['name']} "
+        f"({protocol['test_dataset']['images']} unseen images); seeds {protocol['seeds']}; device {protocol['device']}.",
+        "",
+        results_table(results),
+        "",
+        "Sources:",
+        "",
+    ]
+    for name, source in results["sources"].items():
+        models = " + ".join(f"{m['family']}{'/' + m['assembly'] if m['assembly'] else ''} (width {m['hidden_size']})" for m in source["models"])
+        lines.append(f"- **{name}** ({source['role']}): {source['description'] or models}; input {source['input_size'][0]}×{source['input_size'][1]}")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
+    return json_path, md_path
