@@ -19,7 +19,10 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
     command line override it. Unknown keys in the YAML file are an error naming them.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    # Raw formatting keeps the example commands in a command's description on their own lines.
+    parser = HfArgumentParser(
+        dataclass_types, prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=None, help="YAML file of arguments; flags override it.")
     config_path = None
     if "--config" in argv:

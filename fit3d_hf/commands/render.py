@@ -1,0 +1,89 @@
+"""`fit3d render`: render lifted features of every training view into a targets dataset."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from fit3d_hf.commands import parse_args
+
+DESCRIPTION = """Render the fine-tuning targets of Stage II into a `datasets` dataset.
+
+For every training view: render the scene's lifted features, decode them with the scene's decoder
+at render resolution, resize bilinearly to the backbone's patch grid and store them (float16) with
+the image, a validity mask and the camera. The folder is written atomically and can be published
+with --push_to_hub. `--target_source single_view_blur` builds the single-view control instead
+(the backbone's own features, blurred; no Gaussians needed).
+
+Example:
+  fit3d lift --synthetic_rooms 2 --backbone embedded --output_dir lifted
+  fit3d render --synthetic_rooms 2 --backbone embedded --gaussians_dir lifted --output_dir targets
+"""
+
+
+@dataclass
+class RenderArguments:
+    """Which scenes (named as for `fit3d lift`, so both commands see the same scenes), which
+    backbone, and how to render. Scene and backbone options mean what they mean in `fit3d lift`."""
+
+    output_dir: str = field(metadata={"help": "Dataset folder to create (must not exist)."})
+    gaussians_dir: str | None = field(default=None, metadata={"help": "The --output_dir of `fit3d lift` (<scene_id>.safetensors)."})
+    scenes: list[str] = field(default_factory=list, metadata={"help": "Scene folders (as given to `fit3d lift`)."})
+    synthetic_rooms: int = field(default=0, metadata={"help": "Procedural rooms, as given to `fit3d lift`."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the first procedural room (as for lift)."})
+    synthetic_views: int = field(default=24, metadata={"help": "Views per procedural room (as for lift)."})
+    synthetic_height: int = field(default=120, metadata={"help": "Image height of the procedural rooms (as for lift)."})
+    synthetic_width: int = field(default=160, metadata={"help": "Image width of the procedural rooms (as for lift)."})
+    downscale: int = field(default=1, metadata={"help": "Load scene folders at their size divided by this (as for lift)."})
+    skip_missing: bool = field(default=False, metadata={"help": "Go on without frames whose image file is missing."})
+    backbone: str = field(
+        default="embedded",
+        metadata={"help": "The backbone to fine-tune (as for `fit3d lift`: 'embedded', 'tiny:<family>', "
+                  "'random:<preset>' or a transformers model folder). Gives patch size and width."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of a random backbone (as for lift)."})
+    target_source: Literal["lifted", "single_view_blur"] = field(
+        default="lifted", metadata={"help": "'lifted' (FiT3D targets) or 'single_view_blur' (the control: no Gaussians)."}
+    )
+    image_height: int | None = field(default=None, metadata={"help": "Stored image height (multiple of the patch size)."})
+    image_width: int | None = field(default=None, metadata={"help": "Stored image width (multiple of the patch size)."})
+    render_scale: float = field(default=1.0, metadata={"help": "Render at scene resolution x this before decoding."})
+    blur_sigma: float = field(default=1.0, metadata={"help": "Blur of the single-view control, in patch-grid cells."})
+    views: Literal["train", "all"] = field(default="train", metadata={"help": "Which views of each scene."})
+    num_shards: int | None = field(default=None, metadata={"help": "Arrow shards in the saved folder."})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cpu' or 'cuda'."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the dataset to this Hub dataset repo."})
+    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+
+
+def main(argv: list[str] | None = None):
+    (args,) = parse_args((RenderArguments,), argv, prog="fit3d render", description=DESCRIPTION)
+    from fit3d_hf.commands.lift import build_named_backbone, scene_loaders
+    from fit3d_hf.features_dataset import push_targets, render_targets
+
+    if (args.image_height is None) != (args.image_width is None):
+        raise SystemExit("fit3d render: give both --image_height and --image_width, or neither")
+    loaders = scene_loaders(args)
+    if not loaders:
+        raise SystemExit("fit3d render: no scenes; pass --scenes FOLDER ... and/or --synthetic_rooms N (as for `fit3d lift`)")
+    backbone, backbone_name = build_named_backbone(args.backbone, args.seed)
+    backbone.config._name_or_path = backbone_name  # recorded in the dataset's metadata
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dataset = render_targets(
+        (load() for load in loaders.values()),
+        backbone,
+        args.output_dir,
+        gaussians_dir=args.gaussians_dir,
+        target_source=args.target_source,
+        image_size=(args.image_height, args.image_width) if args.image_height else None,
+        render_scale=args.render_scale,
+        blur_sigma=args.blur_sigma,
+        views=args.views,
+        num_shards=args.num_shards,
+        device=device,
+    )
+    print(f"wrote {dataset.num_rows} views to {args.output_dir} (target {tuple(dataset.features['target'].shape)} float16)")
+    if args.push_to_hub:
+        push_targets(args.output_dir, args.push_to_hub, private=args.private)
+        print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")
+    return dataset

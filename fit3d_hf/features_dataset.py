@@ -1,0 +1,446 @@
+"""Rendered-feature targets for Stage II, as a `datasets` dataset.
+
+The official FiT3D code renders every target on the fly at every step from all scenes'
+Gaussians held in RAM. Here each training view is rendered once:
+
+    lifted Gaussians --render--> features [D, Hr, Wr] --scene decoder--> [Cb, Hr, Wr]
+                     --bilinear--> target [Cb, h, w] at the backbone's patch grid
+
+and written, with the input image and a validity mask, into a dataset that can be saved,
+published and streamed by any number of training processes.
+
+Columns (see `schema`):
+    image            datasets.Image  RGB at the fine-tuning input size [H, W] (PNG)
+    target           float16 [Cb, h, w]  decoded render at the patch grid (h = H / patch)
+    mask             uint8 [h, w]        1 where the render covers the pixel (alpha >= 0.5)
+                                         and the scene mask (if any) says valid
+    scene_id         string
+    view_id          int32               index of the view in its scene
+    intrinsics       float32 [3, 3]      pinhole, for the stored image size
+    world_to_camera  float32 [4, 4]      OpenCV axes
+Dataset-level metadata (backbone, patch size, image size, D, how it was rendered) is a JSON
+object in `dataset.info.description` and in `fit3d_targets.json` inside the saved folder.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fit3d_hf import backbones
+from fit3d_hf.splatting.lift import FeatureGaussians
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "fit3d_targets.json"
+FORMAT_NAME = "fit3d-targets"
+FORMAT_VERSION = 1
+TRAINING_COLUMNS = ["image", "target", "mask"]
+
+
+def schema(hidden_size: int, grid_height: int, grid_width: int) -> datasets.Features:
+    """The dataset's columns for a backbone of width `hidden_size` (Cb) at patch grid h × w."""
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "target": datasets.Array3D((hidden_size, grid_height, grid_width), "float16"),
+            "mask": datasets.Array2D((grid_height, grid_width), "uint8"),
+            "scene_id": datasets.Value("string"),
+            "view_id": datasets.Value("int32"),
+            "intrinsics": datasets.Array2D((3, 3), "float32"),
+            "world_to_camera": datasets.Array2D((4, 4), "float32"),
+        }
+    )
+
+
+def bytes_per_view(hidden_size: int, grid_height: int, grid_width: int) -> int:
+    """Uncompressed bytes of one row's target + mask + cameras (the PNG image comes on top)."""
+    return 2 * hidden_size * grid_height * grid_width + grid_height * grid_width + 4 * (9 + 16)
+
+
+def default_image_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """Each side rounded to the nearest multiple of the patch size, as lifting feeds the backbone."""
+    return (max(patch_size, round(height / patch_size) * patch_size), max(patch_size, round(width / patch_size) * patch_size))
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, antialiased resize of images [B, 3, H, W] to `size` (H', W')."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def scale_intrinsics(intrinsics: torch.Tensor, scale_y: float, scale_x: float) -> torch.Tensor:
+    """Intrinsics [..., 3, 3] for an image resized by (scale_y, scale_x) (pixel-edge convention)."""
+    scaled = intrinsics.clone()
+    scaled[..., 0, :] *= scale_x
+    scaled[..., 1, :] *= scale_y
+    return scaled
+
+
+def gaussian_blur(feature_maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of feature maps [B, C, h, w] with `sigma` in grid cells (reflect padding)."""
+    if sigma <= 0:
+        return feature_maps
+    radius = max(1, int(round(3 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=feature_maps.dtype, device=feature_maps.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = feature_maps.shape[1]
+    out = feature_maps
+    for shape in ((1, 1, 2 * radius + 1, 1), (1, 1, 1, 2 * radius + 1)):
+        weight = kernel.view(shape).expand(channels, 1, *shape[2:])
+        pad = (0, 0, radius, radius) if shape[2] > 1 else (radius, radius, 0, 0)
+        out = F.conv2d(F.pad(out, pad, mode="reflect"), weight, groups=channels)
+    return out
+
+
+def targets_metadata(dataset: datasets.Dataset) -> dict[str, Any]:
+    """The dataset-level metadata written by `render_targets` (empty dict for foreign datasets)."""
+    try:
+        metadata = json.loads(dataset.info.description or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return metadata if isinstance(metadata, dict) and metadata.get("format") == FORMAT_NAME else {}
+
+
+def target_shape(dataset: datasets.Dataset) -> tuple[int, int, int]:
+    """(Cb, h, w) of the `target` column, read from the dataset's features (any source)."""
+    feature = dataset.features.get("target")
+    if not isinstance(feature, datasets.Array3D):
+        raise ValueError(f"dataset has no Array3D 'target' column (columns: {list(dataset.features)})")
+    return tuple(feature.shape)
+
+
+def load_targets(path: str | os.PathLike) -> datasets.Dataset:
+    """Open a targets dataset: a folder written by `render_targets`, a folder pushed with
+    `push_targets` (parquet shards), or a Hub dataset id.
+
+    The training columns come back as torch float16 tensors (image [3, H, W] with values
+    0..255, target [Cb, h, w], mask [h, w]); `with_format("torch")` alone would upcast the
+    targets to float32 and double their memory. Other columns come back as Python values.
+    """
+    path = Path(path)
+    if (path / "state.json").exists():
+        dataset = datasets.load_from_disk(str(path))
+    elif path.is_dir() and any(path.glob("data/*.parquet")):
+        dataset = datasets.load_dataset("parquet", data_dir=str(path / "data"), split="train")
+        dataset = _attach_sidecar(dataset, path / METADATA_FILE)
+    elif path.exists():
+        raise FileNotFoundError(f"{path} is neither a saved dataset (no state.json) nor a pushed one (no data/*.parquet)")
+    else:
+        dataset = datasets.load_dataset(str(path), split="train")
+    target_shape(dataset)
+    return dataset.with_format("torch", columns=TRAINING_COLUMNS, dtype=torch.float16, output_all_columns=True)
+
+
+def _attach_sidecar(dataset: datasets.Dataset, sidecar: Path) -> datasets.Dataset:
+    if sidecar.exists():
+        dataset.info.description = sidecar.read_text()
+    return dataset
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _view_rows(
+    scene,
+    views: list[int],
+    image_size: tuple[int, int],
+    grid: tuple[int, int],
+    make_target,
+) -> Iterator[dict[str, Any]]:
+    """Rows of one scene; `make_target(view, image [1,3,H,W]) -> (target [Cb,h,w], valid [h,w] bool)`."""
+    height, width = image_size
+    for view in views:
+        image = resize_image(scene.image(view)[None].float(), image_size)
+        target, valid = make_target(view, image)
+        scene_mask = scene.mask(view)
+        if scene_mask is not None:
+            scene_mask = F.interpolate(scene_mask[None, None].float(), size=grid, mode="bilinear", align_corners=False)
+            valid = valid & (scene_mask[0, 0] >= 0.5)
+        pixels = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        intrinsics = scale_intrinsics(scene.intrinsics[view], height / scene.height, width / scene.width)
+        yield {
+            "image": PIL.Image.fromarray(pixels),
+            "target": target.to(torch.float16).cpu().numpy(),
+            "mask": valid.to(torch.uint8).cpu().numpy(),
+            "scene_id": scene.scene_id,
+            "view_id": int(view),
+            "intrinsics": intrinsics.float().cpu().numpy(),
+            "world_to_camera": scene.world_to_camera[view].float().cpu().numpy(),
+        }
+
+
+@torch.no_grad()
+def render_targets(
+    scenes: Iterable,
+    backbone: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    gaussians_dir: str | os.PathLike | None = None,
+    target_source: Literal["lifted", "single_view_blur"] = "lifted",
+    image_size: tuple[int, int] | None = None,
+    render_scale: float = 1.0,
+    blur_sigma: float = 1.0,
+    views: Literal["train", "all"] = "train",
+    num_shards: int | None = None,
+    device: str | torch.device = "cpu",
+) -> datasets.Dataset:
+    """Render every training view's fine-tuning target and save the dataset to `output_dir`.
+
+    Args:
+        scenes: `fit3d_hf.scenes.Scene` objects (images [3, H, W] in [0, 1], intrinsics [V, 3, 3],
+            world_to_camera [V, 4, 4], optional masks [H, W]).
+        backbone: the transformers backbone to be fine-tuned; its config gives the patch size and
+            width Cb. Its weights are only used for `target_source="single_view_blur"`.
+        output_dir: the dataset folder (`save_to_disk` layout + `fit3d_targets.json`). Written under
+            a temporary name and renamed when complete; an existing folder is an error.
+        gaussians_dir: folder of `<scene_id>.safetensors` written by `lift_scene` (needed for "lifted").
+        target_source: "lifted" renders the lifted features and decodes them with the scene's
+            decoder at render resolution (the FiT3D target). "single_view_blur" is the control of
+            DESIGN §8: the backbone's own features of the view, Gaussian-blurred by `blur_sigma`
+            grid cells — same images, grid and masks, no 3D.
+        image_size: (H, W) of the stored images = the fine-tuning input; multiples of the patch
+            size. Defaults to each scene's size rounded to the nearest whole patches (as lifting).
+        render_scale: render at scene resolution × this factor before decoding (1 = official).
+        views: "train" (the scene's `train_views`) or "all".
+        num_shards: arrow shards in the saved folder (default: datasets' 500 MB shards).
+        device: where rendering and decoding run.
+
+    Scenes are rendered one at a time into per-scene parts under `<output_dir>.parts/`, so an
+    interrupted run resumes at the first missing scene; memory stays flat (one view at a time,
+    written by `Dataset.from_generator`).
+
+    Returns:
+        The saved dataset, opened with `load_targets` (float16 kept).
+    """
+    if target_source not in ("lifted", "single_view_blur"):
+        raise ValueError(f"target_source must be 'lifted' or 'single_view_blur', got {target_source!r}")
+    if target_source == "lifted" and gaussians_dir is None:
+        raise ValueError("target_source='lifted' needs gaussians_dir (the folder written by `fit3d lift`)")
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        raise FileExistsError(f"{output_dir} already exists; remove it or choose another output_dir")
+    config = backbone.config
+    patch_size = backbones.patch_size_of(config)
+    hidden_size = backbones.hidden_size_of(config)
+    backbone = backbone.to(device).eval()
+    parts_dir = output_dir.with_name(output_dir.name + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+
+    settings = {
+        "target_source": target_source,
+        "image_size": list(image_size) if image_size else None,
+        "render_scale": render_scale,
+        "blur_sigma": blur_sigma if target_source == "single_view_blur" else None,
+        "views": views,
+        "backbone": json.loads(config.to_json_string()),
+    }
+    settings_file = parts_dir / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text())["hash"] != _settings_hash(settings):
+        raise ValueError(f"{parts_dir} holds parts rendered with other settings; delete it to start over")
+    settings_file.write_text(json.dumps({"hash": _settings_hash(settings)}))
+
+    scene_ids: list[str] = []
+    feature_dims: dict[str, int] = {}
+    grid = None
+    for scene in tqdm(scenes, desc="render targets", unit="scene"):
+        if scene.scene_id in scene_ids:
+            raise ValueError(f"scene_id {scene.scene_id!r} appears twice")
+        scene_ids.append(scene.scene_id)
+        size = tuple(image_size) if image_size else default_image_size(scene.height, scene.width, patch_size)
+        if size[0] % patch_size or size[1] % patch_size:
+            raise ValueError(f"image_size {size} is not a multiple of the patch size {patch_size}")
+        scene_grid = (size[0] // patch_size, size[1] // patch_size)
+        if grid is not None and scene_grid != grid:
+            raise ValueError(
+                f"scene {scene.scene_id!r} gives a {scene_grid} patch grid but earlier scenes gave {grid}; "
+                "pass image_size to store every scene at one size"
+            )
+        grid = scene_grid
+        view_list = list(scene.train_views) if views == "train" else list(range(scene.num_views))
+
+        if target_source == "lifted":
+            gaussians_path = Path(gaussians_dir) / f"{scene.scene_id}.safetensors"
+            if not gaussians_path.exists():
+                raise FileNotFoundError(f"no lifted Gaussians for scene {scene.scene_id!r}: {gaussians_path} is missing")
+            gaussians = FeatureGaussians.load(gaussians_path, device=device)
+            if gaussians.out_dim != hidden_size:
+                raise ValueError(
+                    f"{gaussians_path}: decoder width {gaussians.out_dim} does not match the backbone width "
+                    f"{hidden_size}; lift with the backbone you fine-tune"
+                )
+            feature_dims[scene.scene_id] = gaussians.feature_dim
+            make_target = _lifted_target_fn(gaussians, scene, grid, render_scale, device)
+        else:
+            make_target = _single_view_target_fn(backbone, grid, blur_sigma, device)
+
+        part = parts_dir / scene.scene_id
+        if part.exists():
+            continue
+        tmp_cache = Path(tempfile.mkdtemp(prefix=".cache-", dir=parts_dir))
+        try:
+            part_dataset = datasets.Dataset.from_generator(
+                _view_rows,
+                gen_kwargs={"scene": scene, "views": view_list, "image_size": size, "grid": grid, "make_target": make_target},
+                features=schema(hidden_size, *grid),
+                cache_dir=str(tmp_cache),
+                # An explicit fingerprint spares hashing the Gaussians in gen_kwargs.
+                fingerprint=f"{_settings_hash(settings)}-{scene.scene_id}",
+            )
+            tmp_part = parts_dir / f".{scene.scene_id}.tmp"
+            shutil.rmtree(tmp_part, ignore_errors=True)
+            part_dataset.save_to_disk(str(tmp_part))
+            os.replace(tmp_part, part)
+        finally:
+            shutil.rmtree(tmp_cache, ignore_errors=True)
+
+    if grid is None:
+        raise ValueError("no scenes given")
+    metadata = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "backbone": {
+            "name_or_path": getattr(config, "_name_or_path", "") or "",
+            "family": backbones.family_of(config),
+            "model_type": config.model_type,
+            "hidden_size": hidden_size,
+            "patch_size": patch_size,
+        },
+        "image_size": [grid[0] * patch_size, grid[1] * patch_size],
+        "patch_grid": list(grid),
+        "target_source": target_source,
+        "feature_dim": feature_dims if target_source == "lifted" else None,
+        "render": {
+            "render_scale": render_scale,
+            "decode": "scene decoder at render resolution, then bilinear resize to the patch grid (align_corners=False)",
+            "mask": "render alpha >= 0.5 at the patch grid, and the scene mask >= 0.5 where given",
+            "blur_sigma_cells": blur_sigma if target_source == "single_view_blur" else None,
+            "views": views,
+        },
+        "scenes": scene_ids,
+        "bytes_per_view_uncompressed": bytes_per_view(hidden_size, *grid),
+    }
+    parts = [datasets.load_from_disk(str(parts_dir / scene_id)) for scene_id in scene_ids]
+    valid_fraction = {}
+    for scene_id, part in zip(scene_ids, parts):
+        valid_fraction[scene_id] = round(float(part.with_format("numpy", columns=["mask"])[:]["mask"].mean()), 4)
+        if valid_fraction[scene_id] < 0.05:
+            logger.warning(
+                "scene %r: only %.1f%% of the target cells are valid (render alpha >= 0.5 and scene mask); "
+                "was it lifted long enough?", scene_id, 100 * valid_fraction[scene_id],
+            )
+    metadata["valid_fraction"] = valid_fraction
+    dataset = datasets.concatenate_datasets(parts)
+    dataset.info.description = json.dumps(metadata)
+    tmp_out = output_dir.with_name(f".{output_dir.name}.tmp")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    dataset.save_to_disk(str(tmp_out), num_shards=num_shards)
+    (tmp_out / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    os.replace(tmp_out, output_dir)
+    shutil.rmtree(parts_dir)
+    return load_targets(output_dir)
+
+
+def _lifted_target_fn(gaussians, scene, grid: tuple[int, int], render_scale: float, device):
+    render_height = max(1, round(scene.height * render_scale))
+    render_width = max(1, round(scene.width * render_scale))
+
+    def make_target(view: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        intrinsics = scale_intrinsics(
+            scene.intrinsics[view : view + 1], render_height / scene.height, render_width / scene.width
+        )
+        _, features, alphas = gaussians.render(
+            intrinsics.to(device), scene.world_to_camera[view : view + 1].to(device), render_width, render_height
+        )
+        decoded = gaussians.decode(features)
+        target = F.interpolate(decoded.float(), size=grid, mode="bilinear", align_corners=False)[0]
+        alpha = F.interpolate(alphas.float(), size=grid, mode="bilinear", align_corners=False)[0, 0]
+        if not torch.isfinite(target).all():
+            raise ValueError(f"scene {scene.scene_id!r} view {view}: the rendered target has NaN/inf values")
+        return target, alpha >= 0.5
+
+    return make_target
+
+
+def _single_view_target_fn(backbone: torch.nn.Module, grid: tuple[int, int], blur_sigma: float, device):
+    def make_target(view: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixel_values = backbones.normalize(image.to(device), backbone.config)
+        feature_maps = backbones.extract_features(backbone, pixel_values).feature_maps.float()
+        return gaussian_blur(feature_maps, blur_sigma)[0], torch.ones(grid, dtype=torch.bool, device=device)
+
+    return make_target
+
+
+def export_for_hub(dataset_dir: str | os.PathLike, folder: str | os.PathLike, *, num_shards: int = 1) -> Path:
+    """Write the Hub layout of a saved targets dataset into `folder`: `data/train-*.parquet`
+    (self-contained: images embedded), `fit3d_targets.json` and a dataset card `README.md`.
+    `datasets.load_dataset(repo_id)` then reads it back with the same features."""
+    dataset = datasets.load_from_disk(str(dataset_dir))
+    metadata = targets_metadata(dataset)
+    folder = Path(folder)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for index in range(num_shards):
+        shard = dataset.shard(num_shards=num_shards, index=index, contiguous=True)
+        shard.to_parquet(str(folder / "data" / f"train-{index:05d}-of-{num_shards:05d}.parquet"))
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    hidden_size, grid_height, grid_width = target_shape(dataset)
+    card = [
+        "---",
+        "tags: [fit3d, feature-distillation, 3d-aware-fine-tuning]",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        "  - split: train",
+        "    path: data/train-*.parquet",
+        "---",
+        "",
+        "# FiT3D fine-tuning targets",
+        "",
+        f"{dataset.num_rows} views; target float16 [{hidden_size}, {grid_height}, {grid_width}] per view "
+        f"({bytes_per_view(hidden_size, grid_height, grid_width) / 1e6:.2f} MB uncompressed), uint8 mask, "
+        "PNG image, cameras. Made with `fit3d render` (fit3d_hf); rendering details in `fit3d_targets.json`.",
+        "",
+        "```python",
+        "from fit3d_hf.features_dataset import load_targets",
+        "dataset = load_targets(snapshot_download(repo_id, repo_type='dataset'))  # float16 kept",
+        "```",
+        "",
+        "```json",
+        json.dumps(metadata, indent=2),
+        "```",
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(card))
+    return folder
+
+
+def push_targets(
+    dataset_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    num_shards: int = 1,
+) -> Path:
+    """Upload a saved targets dataset to the Hub as a dataset repo (parquet + card + metadata).
+    Returns the local folder that was uploaded (kept under a temporary directory)."""
+    from fit3d_hf import hub
+
+    folder = export_for_hub(dataset_dir, tempfile.mkdtemp(prefix="fit3d-targets-"), num_shards=num_shards)
+    hub.push_to_hub(folder, repo_id, repo_type="dataset", private=private, token=token)
+    return folder

@@ -1,0 +1,3 @@
+from fit3d_hf.commands.finetune import main
+
+main()

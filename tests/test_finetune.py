@@ -1,0 +1,182 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from transformers import AutoImageProcessor
+
+from fit3d_hf import FiT3DModel, backbones, hub
+from fit3d_hf import finetune as finetune_module
+from fit3d_hf.commands import finetune as finetune_command
+from fit3d_hf.features_dataset import load_targets, render_targets
+from fit3d_hf.finetune import FinetuneConfig, finetune, masked_l1, random_hflip, weights_checksum
+from fit3d_hf.scenes import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCH = 8
+
+
+def tiny_backbone(seed: int, hidden_size: int = 32):
+    torch.manual_seed(seed)
+    return backbones.build_backbone(backbones.tiny_config("dinov2", patch_size=PATCH, hidden_size=hidden_size)).eval()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    # Each finetune() builds an Accelerator; the state is a process-wide singleton.
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def targets_dir(tmp_path_factory):
+    """8 views whose targets are a different (teacher) backbone's blurred features: learnable."""
+    room = synthetic.make_room(3, num_views=9, height=32, width=48, test_every=100)
+    path = tmp_path_factory.mktemp("targets") / "targets"
+    render_targets([room], tiny_backbone(seed=1), path, target_source="single_view_blur")
+    return path
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("backbone") / "student"
+    tiny_backbone(seed=0).save_pretrained(path)
+    return path
+
+
+def fast_config(**overrides) -> FinetuneConfig:
+    values = dict(learning_rate=1e-3, logging_steps=1, checkpointing_steps=0, per_device_batch_size=2)
+    return FinetuneConfig(**{**values, **overrides})
+
+
+def test_masked_l1_matches_formula():
+    out = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])  # [1, 2, 1, 2]
+    target = torch.zeros_like(out)
+    mask = torch.tensor([[[1.0, 0.0]]])
+    # Only the first position counts: (|1| + |3|) / (1 * 2 channels).
+    assert masked_l1(out, target, mask).item() == pytest.approx(2.0)
+    assert masked_l1(out, target, torch.zeros_like(mask)).item() == 0.0
+    out = torch.randn(2, 5, 3, 4, requires_grad=True)
+    target, mask = torch.randn(2, 5, 3, 4), (torch.rand(2, 3, 4) > 0.5).float()
+    expected = ((out - target).abs() * mask[:, None]).sum() / (mask.sum() * 5)
+    assert torch.allclose(masked_l1(out, target, mask), expected)
+
+
+def test_flip_is_joint():
+    images = torch.arange(2 * 3 * 4 * 8, dtype=torch.float32).view(2, 3, 4, 8)
+    targets = images[:, :, ::2, ::2].clone()  # a grid "aligned" with the image
+    masks = targets[:, 0].clone()
+    flipped = random_hflip(images, targets, masks, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(flipped[0], images.flip(-1))
+    assert torch.equal(flipped[1], targets.flip(-1)) and torch.equal(flipped[2], masks.flip(-1))
+    kept = random_hflip(images, targets, masks, 0.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(kept, (images, targets, masks)))
+    mixed = random_hflip(images, targets, masks, 0.5, torch.Generator().manual_seed(3))
+    for i in range(2):
+        flipped_image = torch.equal(mixed[0][i], images[i].flip(-1))
+        assert torch.equal(mixed[1][i], targets[i].flip(-1) if flipped_image else targets[i])
+
+
+def test_loss_decreases_and_only_the_copy_trains(tmp_path, targets_dir, backbone_dir):
+    model = FiT3DModel.from_backbone(str(backbone_dir))
+    original = weights_checksum(model.original)
+    result = finetune(model, load_targets(targets_dir), fast_config(num_epochs=4), tmp_path / "run")
+    losses = [loss for _, loss in result.losses]
+    assert result.global_step == 16 and len(losses) == 16
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert weights_checksum(model.original) == original
+    assert weights_checksum(model.finetuned) != original
+    assert result.rank_checksums == [weights_checksum(model.finetuned)]
+
+
+def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path, targets_dir, backbone_dir, monkeypatch):
+    dataset = load_targets(targets_dir)
+    config = fast_config(max_steps=7, checkpointing_steps=3)  # 4 steps per epoch: resumes mid-epoch 0, crosses into 1
+    uninterrupted = finetune(FiT3DModel.from_backbone(str(backbone_dir)), dataset, config, tmp_path / "a")
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    calls = {"n": 0}
+    real_loss = finetune_module.masked_l1
+
+    def killed_at_step_5(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args)
+
+    monkeypatch.setattr(finetune_module, "masked_l1", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(FiT3DModel.from_backbone(str(backbone_dir)), dataset, config, tmp_path / "b")
+    monkeypatch.setattr(finetune_module, "masked_l1", real_loss)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000003"]  # nothing half-written
+
+    resumed = finetune(FiT3DModel.from_backbone(str(backbone_dir)), dataset, config, tmp_path / "b", resume_from_checkpoint="latest")
+    assert resumed.global_step == 7
+    assert weights_checksum(resumed.model.finetuned) == weights_checksum(uninterrupted.model.finetuned)
+    assert resumed.losses == uninterrupted.losses  # the log before the kill comes from the checkpoint
+
+
+def test_wrong_target_width_refused_before_training(tmp_path, targets_dir):
+    model = FiT3DModel.from_backbone(tiny_backbone(seed=0, hidden_size=48))
+    with pytest.raises(ValueError, match=r"targets are 32-dimensional .* backbone is 48 wide"):
+        finetune(model, load_targets(targets_dir), fast_config(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_command_saves_model_processor_card_and_pushes(tmp_path, targets_dir, backbone_dir, monkeypatch):
+    uploads = []
+    monkeypatch.setattr(hub, "create_repo", lambda *args, **kwargs: None)
+    monkeypatch.setattr(hub, "upload_folder", lambda **kwargs: uploads.append(kwargs) or "commit")
+    out = tmp_path / "model"
+    finetune_command.main([
+        "--config", str(ROOT / "recipes" / "configs" / "finetune_cpu.yaml"),
+        "--dataset", str(targets_dir), "--backbone", str(backbone_dir), "--output_dir", str(out),
+        "--max_steps", "2", "--push_to_hub", "me/fit3d-tiny",
+    ])
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "fit3d_finetune.json"} <= set(os.listdir(out))
+    info = json.loads((out / "fit3d_finetune.json").read_text())
+    assert info["global_step"] == 2 and info["num_processes"] == 1
+    loaded = FiT3DModel.from_pretrained(out)
+    assert weights_checksum(loaded.original) == weights_checksum(tiny_backbone(seed=0))
+    assert weights_checksum(loaded.finetuned) == info["rank_checksums"][0] != weights_checksum(loaded.original)
+    processor = AutoImageProcessor.from_pretrained(out)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, 50), torch.linspace(0, 1, 70), indexing="ij")
+    image = torch.stack([ys, xs, ys * xs])  # smooth, so resize implementations agree
+    expected = backbones.normalize(torch.nn.functional.interpolate(image[None], size=(32, 48), mode="bilinear"), loaded.config)
+    assert torch.allclose(processor(image, do_rescale=False, return_tensors="pt")["pixel_values"], expected, atol=0.05)
+    assert "fine-tuned for 2 steps" in (out / "README.md").read_text()
+    assert uploads and uploads[0]["repo_id"] == "me/fit3d-tiny" and Path(uploads[0]["folder_path"]) == out
+
+
+def test_two_cpu_processes_hold_identical_weights(tmp_path, targets_dir, backbone_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "recipes" / "configs" / "accelerate_cpu_2proc.yaml"),
+        str(ROOT / "recipes" / "finetune.py"),
+        "--config", str(ROOT / "recipes" / "configs" / "finetune_cpu.yaml"),
+        "--dataset", str(targets_dir), "--backbone", str(backbone_dir), "--output_dir", str(tmp_path / "ddp"),
+        "--max_steps", "2",
+    ]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads((tmp_path / "ddp" / "fit3d_finetune.json").read_text())
+    assert info["num_processes"] == 2  # not the silent single process of `--cpu`
+    assert info["rank_checksums"][0] == info["rank_checksums"][1]
+    # The weights moved, and the saved ones are the ones every rank held.
+    saved = FiT3DModel.from_pretrained(tmp_path / "ddp")
+    assert weights_checksum(saved.finetuned) == info["rank_checksums"][0] != weights_checksum(saved.original)
+
+
+def test_unavailable_tracker_refused(tmp_path, targets_dir, backbone_dir):
+    from accelerate.tracking import get_available_trackers
+
+    missing = next(name for name in ("wandb", "comet_ml", "aim", "mlflow", "clearml") if name not in map(str, get_available_trackers()))
+    with pytest.raises(ValueError, match=f"--report_to '{missing}' is not installed"):
+        finetune(FiT3DModel.from_backbone(str(backbone_dir)), load_targets(targets_dir), fast_config(report_to=missing), tmp_path / "r")
