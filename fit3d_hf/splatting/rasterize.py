@@ -1,0 +1,204 @@
+"""`rasterize()`: one differentiable Gaussian rasterizer, gsplat on CUDA and pure PyTorch elsewhere."""
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._torch_backend import rasterize_torch
+
+RENDER_MODES = ("RGB", "RGB+D", "RGB+ED")
+BACKENDS = ("auto", "torch", "gsplat")
+MAX_SH_DEGREE = 4
+
+
+def rasterize(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    *,
+    sh_degree: int | None = None,
+    backgrounds: Tensor | None = None,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    render_mode: str = "RGB",
+    features: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, dict]:
+    """Rasterize N 3D Gaussians into C pinhole cameras, with gsplat 1.5.3's meaning for every argument.
+
+    Both backends composite front to back per 16×16 tile with gsplat's rules: EWA projection with
+    the 2D covariance dilated by `eps2d`, an opacity-aware radius of min(3.33, sqrt(2 ln(255·o)))
+    standard deviations, alpha clamped to 0.999, contributions with alpha < 1/255 skipped, and a
+    pixel stopping before the Gaussian that would take its transmittance to 1e-4 or below.
+
+    Args:
+        means: `[N, 3]` centres in world coordinates.
+        quats: `[N, 4]` rotations as wxyz quaternions (normalised inside).
+        scales: `[N, 3]` standard deviations along the rotated axes (linear, not log).
+        opacities: `[N]` opacities in [0, 1] (after the sigmoid).
+        colors: `[N, D]` colours or features of any width D; or, with `sh_degree`, SH coefficients
+            `[N, K, 3]` with K >= (sh_degree + 1)^2, evaluated per camera in the direction from the
+            camera centre to the Gaussian, plus 0.5, clamped at 0 (as gsplat and 3DGS).
+        viewmats: `[C, 4, 4]` world-to-camera transforms, OpenCV axes (x right, y down, z forward).
+        Ks: `[C, 3, 3]` pinhole intrinsics in pixels.
+        width, height: image size in pixels.
+        sh_degree: SH degree in 0..4 to evaluate, or None when `colors` are plain channels.
+        backgrounds: `[C, D]` colour behind the Gaussians (D = 3 with SH); black when None.
+        near_plane, far_plane: Gaussians whose camera depth lies outside [near, far] are culled.
+        eps2d: added to the diagonal of every 2D covariance (anti-aliasing dilation), in pixels^2.
+        render_mode: "RGB" renders `colors`; "RGB+D" appends the accumulated depth sum_i w_i z_i;
+            "RGB+ED" appends the expected depth (accumulated depth / alpha).
+        features: `[N, F]` extra per-Gaussian features composited with the same blending weights
+            (background 0) into `meta["features"]`. Their gradients reach `features` only, never
+            means, quats, scales or opacities. The torch backend blends them in the same pass as
+            the colours; gsplat renders them in a second pass with detached geometry.
+        backend: "torch" (pure PyTorch, any device), "gsplat" (CUDA tensors only) or "auto"
+            (gsplat for CUDA tensors, torch otherwise).
+
+    Returns:
+        renders: `[C, H, W, D]`, or `[C, H, W, D + 1]` with depth in the last channel.
+        alphas: `[C, H, W, 1]` accumulated opacity (1 - final transmittance).
+        meta: dict with what gsplat's `DefaultStrategy` reads, in gsplat's unpacked layout:
+            `means2d` `[C, N, 2]` projected centres in pixels (call `retain_grad()` before backward,
+            as DefaultStrategy.step_pre_backward does; then `.grad` holds image-plane gradients),
+            `radii` `[C, N, 2]` int32 bounding-box half sizes (0 = not visible in that camera),
+            `depths` `[C, N]`, `gaussian_ids` None (unpacked), `width`, `height`, `n_cameras`,
+            `backend` ("torch" or "gsplat"), and `features` `[C, H, W, F]` when features are given.
+
+    Raises:
+        ValueError / TypeError naming the offending argument for wrong shapes, dtypes, devices,
+        NaN/Inf values or unknown options; RuntimeError when gsplat is asked for CPU tensors.
+
+    Example:
+        >>> renders, alphas, meta = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, 160, 120)
+        >>> renders.shape, alphas.shape
+        (torch.Size([C, 120, 160, D]), torch.Size([C, 120, 160, 1]))
+    """
+    _validate(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
+        near_plane, far_plane, eps2d, render_mode, features, backend,
+    )  # fmt: skip
+    if backend == "auto":
+        backend = "gsplat" if means.is_cuda else "torch"
+    kwargs = dict(
+        sh_degree=sh_degree,
+        backgrounds=backgrounds,
+        near_plane=near_plane,
+        far_plane=far_plane,
+        eps2d=eps2d,
+        render_mode=render_mode,
+        features=features,
+    )
+    if backend == "gsplat":
+        return _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+    return rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+
+
+def _rasterize_gsplat(
+    means, quats, scales, opacities, colors, viewmats, Ks, width, height, *, features, **kwargs
+) -> tuple[Tensor, Tensor, dict]:
+    import gsplat
+
+    # One kernel launch per call: gsplat otherwise splits D into chunks of 32 channels.
+    width_out = (3 if kwargs["sh_degree"] is not None else colors.shape[-1]) + (kwargs["render_mode"] != "RGB")
+    renders, alphas, meta = gsplat.rasterization(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+        packed=False, channel_chunk=width_out, **kwargs,
+    )  # fmt: skip
+    if features is not None:
+        # A second pass on detached geometry: the feature loss must not move the Gaussians.
+        meta["features"], _, _ = gsplat.rasterization(
+            means.detach(), quats.detach(), scales.detach(), opacities.detach(), features, viewmats, Ks,
+            width, height, packed=False, channel_chunk=features.shape[-1], near_plane=kwargs["near_plane"],
+            far_plane=kwargs["far_plane"], eps2d=kwargs["eps2d"],
+        )  # fmt: skip
+    meta["backend"] = "gsplat"
+    return renders, alphas, meta
+
+
+def _check_tensor(name: str, x, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """`shape` holds ints or None (any size); raises naming `name`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype}, expected {dtype} (the dtype of means)")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, but means is on {device}: put all inputs on one device")
+    if x.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} has shape {list(x.shape)}, expected {want}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _validate(
+    means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
+    near_plane, far_plane, eps2d, render_mode, features, backend,
+) -> None:  # fmt: skip
+    if not isinstance(means, torch.Tensor):
+        raise TypeError(f"means must be a torch.Tensor, got {type(means).__name__}")
+    if means.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"means has dtype {means.dtype}, expected torch.float32 or torch.float64")
+    if means.dim() != 2 or means.shape[1] != 3:
+        raise ValueError(f"means has shape {list(means.shape)}, expected [N, 3]")
+    n, dtype, device = means.shape[0], means.dtype, means.device
+    _check_tensor("means", means, (n, 3), dtype, device)
+    _check_tensor("quats", quats, (n, 4), dtype, device)
+    _check_tensor("scales", scales, (n, 3), dtype, device)
+    _check_tensor("opacities", opacities, (n,), dtype, device)
+    if sh_degree is None:
+        _check_tensor("colors", colors, (n, None), dtype, device)
+        n_colors = colors.shape[1]
+    else:
+        if not isinstance(sh_degree, int) or not 0 <= sh_degree <= MAX_SH_DEGREE:
+            raise ValueError(f"sh_degree must be an int in 0..{MAX_SH_DEGREE} or None, got {sh_degree!r}")
+        _check_tensor("colors", colors, (n, None, 3), dtype, device)
+        if colors.shape[1] < (sh_degree + 1) ** 2:
+            raise ValueError(
+                f"colors has {colors.shape[1]} SH coefficients per Gaussian, sh_degree={sh_degree} "
+                f"needs at least {(sh_degree + 1) ** 2}"
+            )
+        n_colors = 3
+    if n_colors < 1:
+        raise ValueError("colors has zero channels")
+    if not isinstance(viewmats, torch.Tensor) or viewmats.dim() != 3:
+        raise ValueError(f"viewmats must be a [C, 4, 4] tensor, got {getattr(viewmats, 'shape', type(viewmats))}")
+    c = viewmats.shape[0]
+    if c < 1:
+        raise ValueError("viewmats holds no camera (C = 0)")
+    _check_tensor("viewmats", viewmats, (c, 4, 4), dtype, device)
+    _check_tensor("Ks", Ks, (c, 3, 3), dtype, device)
+    if backgrounds is not None:
+        _check_tensor("backgrounds", backgrounds, (c, n_colors), dtype, device)
+    if features is not None:
+        _check_tensor("features", features, (n, None), dtype, device)
+        if features.shape[1] < 1:
+            raise ValueError("features has zero channels")
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("near_plane", near_plane), ("far_plane", far_plane), ("eps2d", eps2d)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not 0 < near_plane < far_plane:
+        raise ValueError(f"need 0 < near_plane < far_plane, got near_plane={near_plane}, far_plane={far_plane}")
+    if render_mode not in RENDER_MODES:
+        raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "gsplat":
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"backend='gsplat' needs CUDA tensors, but means is on {device}: gsplat has no CPU kernels. "
+                "Use backend='torch' (or 'auto') on CPU."
+            )
+        if dtype != torch.float32:
+            raise TypeError(f"backend='gsplat' needs float32 tensors, means has dtype {dtype}")
