@@ -91,10 +91,11 @@ def test_config_rejects_bad_values():
 def test_config_files_match_the_library_presets():
     from fit3d_hf.commands import parse_args
     from fit3d_hf.commands.lift import LiftArguments
+    from fit3d_hf.commands.scene_args import SceneArguments
 
     def parsed(name: str) -> LiftConfig:
         argv = ["--config", str(ROOT / "recipes/configs" / name), "--output_dir", "unused"]
-        return parse_args((LiftArguments, LiftConfig), argv, prog="test", description="")[1]
+        return parse_args((LiftArguments, LiftConfig, SceneArguments), argv, prog="test", description="")[1]
 
     cpu = parsed("lift_cpu.yaml")
     assert cpu == LiftConfig.cpu_preset()

@@ -65,7 +65,7 @@ def build_sources(args: EvaluateArguments) -> tuple[dict, dict, dict]:
     import torch
 
     from fit3d_hf import FiT3DModel, backbones
-    from fit3d_hf.commands.lift import build_named_backbone
+    from fit3d_hf.commands.scene_args import build_named_backbone
 
     model = FiT3DModel.from_pretrained(args.model)
     original, baseline_name = build_named_backbone(args.baseline, args.control_seed) if args.baseline else (model.original, None)

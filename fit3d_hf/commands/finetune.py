@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None):
     from accelerate import PartialState
 
     from fit3d_hf import FiT3DModel, hub
-    from fit3d_hf.commands.lift import build_named_backbone
+    from fit3d_hf.commands.scene_args import build_named_backbone
     from fit3d_hf.features_dataset import load_targets, targets_metadata
     from fit3d_hf.finetune import finetune, save_finetuned
 

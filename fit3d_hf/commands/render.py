@@ -6,6 +6,7 @@ from typing import Literal
 import torch
 
 from fit3d_hf.commands import parse_args
+from fit3d_hf.commands.scene_args import SceneArguments, build_named_backbone, scene_loaders
 
 DESCRIPTION = """Render the fine-tuning targets of Stage II into a `datasets` dataset.
 
@@ -23,25 +24,10 @@ Example:
 
 @dataclass
 class RenderArguments:
-    """Which scenes (named as for `fit3d lift`, so both commands see the same scenes), which
-    backbone, and how to render. Scene and backbone options mean what they mean in `fit3d lift`."""
+    """How to render (scenes and backbone: `SceneArguments`, the same options as `fit3d lift`)."""
 
     output_dir: str = field(metadata={"help": "Dataset folder to create (must not exist)."})
     gaussians_dir: str | None = field(default=None, metadata={"help": "The --output_dir of `fit3d lift` (<scene_id>.safetensors)."})
-    scenes: list[str] = field(default_factory=list, metadata={"help": "Scene folders (as given to `fit3d lift`)."})
-    synthetic_rooms: int = field(default=0, metadata={"help": "Procedural rooms, as given to `fit3d lift`."})
-    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the first procedural room (as for lift)."})
-    synthetic_views: int = field(default=24, metadata={"help": "Views per procedural room (as for lift)."})
-    synthetic_height: int = field(default=120, metadata={"help": "Image height of the procedural rooms (as for lift)."})
-    synthetic_width: int = field(default=160, metadata={"help": "Image width of the procedural rooms (as for lift)."})
-    downscale: int = field(default=1, metadata={"help": "Load scene folders at their size divided by this (as for lift)."})
-    skip_missing: bool = field(default=False, metadata={"help": "Go on without frames whose image file is missing."})
-    backbone: str = field(
-        default="embedded",
-        metadata={"help": "The backbone to fine-tune (as for `fit3d lift`: 'embedded', 'tiny:<family>', "
-                  "'random:<preset>' or a transformers model folder). Gives patch size and width."},
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of a random backbone (as for lift)."})
     target_source: Literal["lifted", "single_view_blur"] = field(
         default="lifted", metadata={"help": "'lifted' (FiT3D targets) or 'single_view_blur' (the control: no Gaussians)."}
     )
@@ -57,16 +43,15 @@ class RenderArguments:
 
 
 def main(argv: list[str] | None = None):
-    (args,) = parse_args((RenderArguments,), argv, prog="fit3d render", description=DESCRIPTION)
-    from fit3d_hf.commands.lift import build_named_backbone, scene_loaders
+    args, scene_args = parse_args((RenderArguments, SceneArguments), argv, prog="fit3d render", description=DESCRIPTION)
     from fit3d_hf.features_dataset import push_targets, render_targets
 
     if (args.image_height is None) != (args.image_width is None):
         raise SystemExit("fit3d render: give both --image_height and --image_width, or neither")
-    loaders = scene_loaders(args)
+    loaders = scene_loaders(scene_args)
     if not loaders:
         raise SystemExit("fit3d render: no scenes; pass --scenes FOLDER ... and/or --synthetic_rooms N (as for `fit3d lift`)")
-    backbone, backbone_name = build_named_backbone(args.backbone, args.seed)
+    backbone, backbone_name = build_named_backbone(scene_args.backbone, scene_args.seed)
     backbone.config._name_or_path = backbone_name  # recorded in the dataset's metadata
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dataset = render_targets(
