@@ -111,7 +111,7 @@ class LiftConfig:
         steps: 12.1 dB held-out PSNR instead of 26.0); densification every 20 steps instead of the
         scaled every step (25.4 dB); at most 20k Gaussians; features decoded at half the render
         size (22% faster with a 160-wide backbone, feature cosine within 0.003 at full size).
-        Measurements and commands: docs/readme/lift.md.
+        Measurements and commands: the README, "Stage I".
         """
         values = dict(CPU_PRESET)
         values.update(overrides)
