@@ -141,10 +141,15 @@ def make_scenes(args: DemoArguments, seeds: list[int]) -> list:
 
 def target_coverage(dataset_dir: Path) -> float:
     """Fraction of patch-grid cells whose target is valid (mask = 1) over a targets dataset."""
-    from fit3d_hf.features_dataset import load_targets
+    from collections import Counter
 
-    masks = load_targets(dataset_dir).with_format("torch")["mask"]
-    return float(torch.stack(list(masks)).float().mean())
+    from fit3d_hf.features_dataset import load_targets, targets_metadata
+
+    dataset = load_targets(dataset_dir)
+    # render_targets already measured each scene's valid fraction: weight it by the scene's views.
+    fractions = targets_metadata(dataset)["valid_fraction"]
+    views = Counter(dataset["scene_id"])
+    return sum(fractions[scene_id] * count for scene_id, count in views.items()) / sum(views.values())
 
 
 def finetune_run(args: DemoArguments, dataset_dir: Path, output_dir: Path) -> None:
