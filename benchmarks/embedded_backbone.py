@@ -24,13 +24,17 @@ from fit3d_hf.scenes.synthetic import make_rooms
 
 @dataclass
 class EmbeddedBenchmarkArguments:
-    candidates: list[str] = field(default_factory=list, metadata={"help": "Saved backbone folders to compare with a random-init one."})
+    candidates: list[str] = field(
+        default_factory=list, metadata={"help": "Saved backbone folders to compare with a random-init one."}
+    )
     probe_train_scenes: int = field(default=4, metadata={"help": "Rooms whose views train the probes (seeds 500, 501, ...)."})
     test_scenes: int = field(default=2, metadata={"help": "Unseen rooms the probes are tested on (seeds 600, 601, ...)."})
     views: int = field(default=12, metadata={"help": "Views per room."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Probe seeds."})
     iterations: int = field(default=400, metadata={"help": "Steps of each segmentation and depth probe (CPU preset otherwise)."})
-    output_dir: str = field(default="benchmarks/results/embedded_backbone", metadata={"help": "Where results.json and results.md go."})
+    output_dir: str = field(
+        default="benchmarks/results/embedded_backbone", metadata={"help": "Where results.json and results.md go."}
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -116,17 +116,21 @@ def main() -> None:
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     grid = (height // patch, width // patch)
-    print(f"\n{args.preset} (random weights), {height}x{width} -> grid {grid[0]}x{grid[1]}, Cb {hidden_size}, "
-          f"batch {args.batch_size}, {device.type}"
-          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {args.threads} thread(s)")
-          + f", median of {args.steps} steps\n")
+    print(
+        f"\n{args.preset} (random weights), {height}x{width} -> grid {grid[0]}x{grid[1]}, Cb {hidden_size}, "
+        f"batch {args.batch_size}, {device.type}"
+        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {args.threads} thread(s)")
+        + f", median of {args.steps} steps\n"
+    )
     print("| step | median s | vs bare |")
     print("|---|---|---|")
     for name, median in medians.items():
         print(f"| {name} | {median:.4f} | {median / medians['bare']:.3f} |")
     ratio = medians["finetune"] / medians["bare"]
-    print(f"\nfinetune / bare = {ratio:.3f} (target <= 1.10: {'met' if ratio <= 1.10 else 'NOT met'}); "
-          f"finetune / bare+opt = {medians['finetune'] / medians['bare+opt']:.3f} (the cost of the targets alone)")
+    print(
+        f"\nfinetune / bare = {ratio:.3f} (target <= 1.10: {'met' if ratio <= 1.10 else 'NOT met'}); "
+        f"finetune / bare+opt = {medians['finetune'] / medians['bare+opt']:.3f} (the cost of the targets alone)"
+    )
 
 
 if __name__ == "__main__":

@@ -97,9 +97,7 @@ def render_dense(params, viewmats, Ks, width, height, rows_per_chunk: int, backw
             image.square().sum().backward()
         out.append(image.detach())
     if backward:
-        torch.autograd.backward(
-            [proj.means2d[order], proj.conics[order], proj.opacities[order]], [t.grad for t in leaves[:3]]
-        )
+        torch.autograd.backward([proj.means2d[order], proj.conics[order], proj.opacities[order]], [t.grad for t in leaves[:3]])
     return torch.cat(out)
 
 
@@ -221,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             def timing(result, key):
                 return f"{result[key + '_s']:.3f} ({result[key + '_cpu_s']:.3f})" if result else "—"
 
-            def ratio(key):
+            def ratio(key, ours=ours, dense=dense):
                 return f"{dense[key] / ours[key]:.0f}" if ours and dense else "—"
 
             cells = [

@@ -62,7 +62,9 @@ _FAMILY_DEFAULTS = {
     "clip": dict(patch_size=16, image_size=384, layer_norm_eps=1e-5, hidden_act="gelu"),
     "mae": dict(patch_size=16, image_size=224, layer_norm_eps=1e-6),
     # `fit3d_family` tells DeiT-III apart from DINOv2: both are `Dinov2Model`s.
-    "deit3": dict(patch_size=16, image_size=224, layerscale_value=1e-6, layer_norm_eps=1e-6, use_mask_token=False, fit3d_family="deit3"),
+    "deit3": dict(
+        patch_size=16, image_size=224, layerscale_value=1e-6, layer_norm_eps=1e-6, use_mask_token=False, fit3d_family="deit3"
+    ),
 }
 _CONFIG_CLASSES = {
     "dinov2": Dinov2Config,

@@ -34,12 +34,24 @@ _BLOCK_NAMES = {
     ),
     "clip": (
         "encoder.layers.{}.",
-        {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"},
+        {
+            "norm1": "layer_norm1",
+            "norm2": "layer_norm2",
+            "attn.proj": "self_attn.out_proj",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        },
         "self_attn.{}_proj",
     ),
     "mae": (
         "layers.{}.",
-        {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"},
+        {
+            "norm1": "layernorm_before",
+            "norm2": "layernorm_after",
+            "attn.proj": "attention.o_proj",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        },
         "attention.{}_proj",
     ),
 }
@@ -93,17 +105,23 @@ def _check_sizes(state_dict: dict[str, torch.Tensor], config) -> None:
     family, detected = family_of(config), detect_family(state_dict)
     patch_weight = state_dict["patch_embed.proj.weight"]
     if detected != family:
-        raise ConversionError(f"this is a {detected} checkpoint, not {family} (told apart by its keys: reg_token, norm_pre, ls1.gamma, patch size)")
+        raise ConversionError(
+            f"this is a {detected} checkpoint, not {family} (told apart by its keys: reg_token, norm_pre, ls1.gamma, patch size)"
+        )
     if patch_weight.shape[0] != hidden_size_of(config):
         raise ConversionError(
             f"checkpoint width {patch_weight.shape[0]} (patch_embed.proj.weight {tuple(patch_weight.shape)}) "
             f"does not match the {family} config's hidden_size {hidden_size_of(config)}"
         )
     if patch_weight.shape[-1] != patch_size_of(config):
-        raise ConversionError(f"checkpoint patch size {patch_weight.shape[-1]} does not match the config's {patch_size_of(config)}")
+        raise ConversionError(
+            f"checkpoint patch size {patch_weight.shape[-1]} does not match the config's {patch_size_of(config)}"
+        )
     depth = 1 + max((int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     if depth != config.num_hidden_layers:
-        raise ConversionError(f"checkpoint depth {depth} blocks does not match the config's num_hidden_layers {config.num_hidden_layers}")
+        raise ConversionError(
+            f"checkpoint depth {depth} blocks does not match the config's num_hidden_layers {config.num_hidden_layers}"
+        )
 
 
 def position_grid_of(state_dict: dict[str, torch.Tensor], family: str) -> int:
@@ -154,7 +172,9 @@ def timm_to_transformers(state_dict: dict[str, torch.Tensor], config) -> dict[st
         elif key == "pos_embed":
             if family in _NO_CLS_POSITION:
                 value = torch.cat([value.new_zeros(1, 1, value.shape[2]), value], dim=1)
-            converted["embeddings.position_embedding.weight" if clip else "embeddings.position_embeddings"] = value[0] if clip else value
+            converted["embeddings.position_embedding.weight" if clip else "embeddings.position_embeddings"] = (
+                value[0] if clip else value
+            )
         elif key.startswith("patch_embed.proj."):
             target = "embeddings.patch_embedding." if clip else "embeddings.patch_embeddings.projection."
             converted[target + key.rsplit(".", 1)[1]] = value
@@ -170,7 +190,11 @@ def timm_to_transformers(state_dict: dict[str, torch.Tensor], config) -> dict[st
         converted["embeddings.mask_token"] = torch.zeros_like(expected["embeddings.mask_token"])
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))
-    wrong_shape = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in converted.items() if k in expected and v.shape != expected[k].shape]
+    wrong_shape = [
+        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in converted.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if unused or missing or unexpected or wrong_shape:
         raise ConversionError(
             "checkpoint does not map onto the model:"

@@ -111,12 +111,16 @@ def render_pretraining_views(config: EmbeddedPretrainConfig, progress: bool = Tr
 
     views = []
     for i in tqdm(range(config.num_scenes), desc="pretrain rooms", disable=not progress):
-        scene = make_room(PRETRAIN_SCENE_SEED_OFFSET + i, num_views=config.views_per_scene, height=config.height, width=config.width)
+        scene = make_room(
+            PRETRAIN_SCENE_SEED_OFFSET + i, num_views=config.views_per_scene, height=config.height, width=config.width
+        )
         views.append((scene.images() * 255).round().to(torch.uint8))
     return torch.cat(views)
 
 
-def random_resized_crops(images: torch.Tensor, height: int, width: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+def random_resized_crops(
+    images: torch.Tensor, height: int, width: int, scale: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
     """Random crops (area fraction in `scale`, the image's aspect ratio) resized to `[B, 3, height, width]`, random h-flips.
 
     Args:
@@ -177,7 +181,9 @@ def simmim_loss(model: Dinov2Model, head: torch.nn.Linear, images: torch.Tensor,
     return (per_patch * mask).sum() / mask.sum()
 
 
-def pretrain_embedded_backbone(config: EmbeddedPretrainConfig, images: torch.Tensor | None = None, progress: bool = True) -> PretrainResult:
+def pretrain_embedded_backbone(
+    config: EmbeddedPretrainConfig, images: torch.Tensor | None = None, progress: bool = True
+) -> PretrainResult:
     """Pre-train the embedded backbone with SimMIM on synthetic rooms.
 
     Args:
@@ -276,7 +282,9 @@ def load_embedded_backbone(path: str | os.PathLike | None = None) -> Dinov2Model
 
 @dataclass
 class EmbeddedArguments:
-    output: str = field(default=str(EMBEDDED_BACKBONE_DIR), metadata={"help": "Folder to write the backbone into (replaced atomically)."})
+    output: str = field(
+        default=str(EMBEDDED_BACKBONE_DIR), metadata={"help": "Folder to write the backbone into (replaced atomically)."}
+    )
     threads: int = field(default=0, metadata={"help": "torch threads (0 = torch's default)."})
 
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
-import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -342,7 +341,9 @@ def render_targets(
         if valid_fraction[scene_id] < 0.05:
             logger.warning(
                 "scene %r: only %.1f%% of the target cells are valid (render alpha >= 0.5 and scene mask); "
-                "was it lifted long enough?", scene_id, 100 * valid_fraction[scene_id],
+                "was it lifted long enough?",
+                scene_id,
+                100 * valid_fraction[scene_id],
             )
     metadata["valid_fraction"] = valid_fraction
     dataset = datasets.concatenate_datasets(parts)
@@ -361,9 +362,7 @@ def _lifted_target_fn(gaussians, scene, grid: tuple[int, int], render_scale: flo
     render_width = max(1, round(scene.width * render_scale))
 
     def make_target(view: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        intrinsics = scale_intrinsics(
-            scene.intrinsics[view : view + 1], render_height / scene.height, render_width / scene.width
-        )
+        intrinsics = scale_intrinsics(scene.intrinsics[view : view + 1], render_height / scene.height, render_width / scene.width)
         _, features, alphas = gaussians.render(
             intrinsics.to(device), scene.world_to_camera[view : view + 1].to(device), render_width, render_height
         )

@@ -50,12 +50,16 @@ class FinetuneConfig:
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides num_epochs)."})
     flip_probability: float = field(default=0.5, metadata={"help": "Joint horizontal flip of image, target and mask."})
     seed: int = field(default=0, metadata={"help": "Seed for data order and flips (a resumed run reproduces them)."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (GPU); overrides the accelerate config when not 'no'."})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "'no', 'bf16' or 'fp16' (GPU); overrides the accelerate config when not 'no'."}
+    )
     checkpointing_steps: int = field(default=500, metadata={"help": "save_state every N optimizer steps (0: never)."})
     checkpoints_total_limit: int = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
     logging_steps: int = field(default=10, metadata={"help": "Print the loss (mean over processes) every N steps."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per training process."})
-    report_to: str = field(default="none", metadata={"help": "Tracker for accelerate ('tensorboard', 'wandb', ...; must be installed) or 'none'."})
+    report_to: str = field(
+        default="none", metadata={"help": "Tracker for accelerate ('tensorboard', 'wandb', ...; must be installed) or 'none'."}
+    )
 
 
 @dataclass
@@ -288,7 +292,10 @@ def finetune(
         epoch_loader.set_epoch(epoch)
         for batch in epoch_loader:
             images, targets, masks = random_hflip(
-                batch["images"], batch["targets"], batch["masks"], config.flip_probability,
+                batch["images"],
+                batch["targets"],
+                batch["masks"],
+                config.flip_probability,
                 _flip_generator(config.seed, global_step, rank),
             )
             pixel_values = backbones.normalize(images.float() / 255.0, backbone_config)

@@ -251,8 +251,7 @@ def push_to_hub(
         has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
         if not (folder / "config.json").is_file() or not has_weights:
             raise ValueError(
-                f"{folder} is not a model folder: it needs config.json and *.safetensors "
-                "(use repo_type='dataset' for a dataset)"
+                f"{folder} is not a model folder: it needs config.json and *.safetensors (use repo_type='dataset' for a dataset)"
             )
     create_repo(repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True)
     info = upload_folder(

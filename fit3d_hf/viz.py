@@ -57,7 +57,11 @@ def kmeans(x: torch.Tensor, k: int, iterations: int = 30, seed: int = 0) -> tupl
     for _ in range(1, k):
         distance = (1 - x @ centres.T).clamp_min(0).min(dim=1).values
         weights = distance**2
-        choice = torch.multinomial(weights / weights.sum(), 1, generator=generator) if weights.sum() > 0 else torch.randint(x.shape[0], (1,), generator=generator)
+        choice = (
+            torch.multinomial(weights / weights.sum(), 1, generator=generator)
+            if weights.sum() > 0
+            else torch.randint(x.shape[0], (1,), generator=generator)
+        )
         centres = torch.cat([centres, x[choice]])
     for _ in range(iterations):
         labels = (x @ centres.T).argmax(dim=1)
@@ -90,7 +94,9 @@ def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def feature_figure(images: torch.Tensor, sources: dict[str, torch.Tensor], path: str | os.PathLike, *, k: int = 6, title: str = "") -> Path:
+def feature_figure(
+    images: torch.Tensor, sources: dict[str, torch.Tensor], path: str | os.PathLike, *, k: int = 6, title: str = ""
+) -> Path:
     """One row per view: the image, then for each feature source its PCA picture and its k-means clusters.
 
     Args:
@@ -124,7 +130,16 @@ def feature_figure(images: torch.Tensor, sources: dict[str, torch.Tensor], path:
     return _save(fig, path)
 
 
-def loss_curves_figure(curves: dict[str, list], path: str | os.PathLike, *, title: str, xlabel: str = "step", ylabel: str = "loss", smooth: int = 1, log_y: bool = False) -> Path:
+def loss_curves_figure(
+    curves: dict[str, list],
+    path: str | os.PathLike,
+    *,
+    title: str,
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    smooth: int = 1,
+    log_y: bool = False,
+) -> Path:
     """Plot loss curves (one line per name) into a PNG.
 
     Args:

@@ -1,4 +1,5 @@
 """Stage I recipe: `accelerate launch --config_file recipes/configs/accelerate_cpu_2proc.yaml recipes/lift.py --help`."""
+
 from fit3d_hf.commands.lift import main
 
 if __name__ == "__main__":

@@ -28,8 +28,14 @@ def random_timm_model(family: str, seed: int, grid: int = 4, width: int = WIDTH,
     name = name or TIMM_NAMES[family]
     patch = 14 if "patch14" in name else 16
     model = timm.create_model(
-        name, pretrained=False, depth=DEPTH, embed_dim=width, num_heads=HEADS,
-        img_size=grid * patch, num_classes=10, dynamic_img_size=True,
+        name,
+        pretrained=False,
+        depth=DEPTH,
+        embed_dim=width,
+        num_heads=HEADS,
+        img_size=grid * patch,
+        num_classes=10,
+        dynamic_img_size=True,
     )
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -87,14 +93,20 @@ def test_conversion_matches_timm(family, tmp_path):
     # The two backbones really hold different checkpoints.
     assert (output.original_feature_maps - output.finetuned_feature_maps).abs().max() > 1e-2
     assert sorted(p.name for p in out.iterdir()) == [
-        "backbones.py", "config.json", "configuration_fit3d.py", "model.safetensors", "modeling_fit3d.py", "preprocessor_config.json"
+        "backbones.py",
+        "config.json",
+        "configuration_fit3d.py",
+        "model.safetensors",
+        "modeling_fit3d.py",
+        "preprocessor_config.json",
     ]
 
 
 def test_dinov2_giant_swiglu_conversion_matches_timm():
     original = random_timm_model("dinov2", seed=0, width=96, name="vit_giant_patch14_dinov2")
-    config = backbones.backbone_config("dinov2", hidden_size=96, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
-                                       image_size=4 * 14, use_swiglu_ffn=True)
+    config = backbones.backbone_config(
+        "dinov2", hidden_size=96, num_hidden_layers=DEPTH, num_attention_heads=HEADS, image_size=4 * 14, use_swiglu_ffn=True
+    )
     model = backbones.build_backbone(config).eval()
     model.load_state_dict(timm_to_transformers(original.state_dict(), config), strict=True)
     pixel_values = torch.randn(1, 3, 5 * 14, 3 * 14)
@@ -118,9 +130,13 @@ def test_wrong_family_names_the_mismatch(tmp_path):
     save_file(random_timm_model("clip", seed=0).state_dict(), tmp_path / "clip.safetensors")
     save_file(random_timm_model("dinov2", seed=0).state_dict(), tmp_path / "dino.safetensors")
     with pytest.raises(ConversionError, match="this is a clip checkpoint, not dinov2"):
-        convert_checkpoints(tmp_path / "clip.safetensors", tmp_path / "clip.safetensors", tmp_path / "out", tiny_target_config("dinov2"))
+        convert_checkpoints(
+            tmp_path / "clip.safetensors", tmp_path / "clip.safetensors", tmp_path / "out", tiny_target_config("dinov2")
+        )
     with pytest.raises(ConversionError, match="finetuned checkpoint .*this is a clip checkpoint, not dinov2"):
-        convert_checkpoints(tmp_path / "dino.safetensors", tmp_path / "clip.safetensors", tmp_path / "out", tiny_target_config("dinov2"))
+        convert_checkpoints(
+            tmp_path / "dino.safetensors", tmp_path / "clip.safetensors", tmp_path / "out", tiny_target_config("dinov2")
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -143,7 +159,9 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr("fit3d_hf.convert.make_image_processor", broken_processor)
     with pytest.raises(RuntimeError, match="disk full"):
-        convert_checkpoints(tmp_path / "ckpt.safetensors", tmp_path / "ckpt.safetensors", tmp_path / "out", tiny_target_config("mae"))
+        convert_checkpoints(
+            tmp_path / "ckpt.safetensors", tmp_path / "ckpt.safetensors", tmp_path / "out", tiny_target_config("mae")
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
 
 
@@ -178,8 +196,18 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
 
     save_file(random_timm_model("clip", seed=0).state_dict(), tmp_path / "clip.safetensors")
     with pytest.raises(SystemExit, match="this is a clip checkpoint, not dinov2"):
-        main(["--family", "dinov2_small", "--original", str(tmp_path / "clip.safetensors"),
-              "--finetuned", str(tmp_path / "clip.safetensors"), "--output", str(tmp_path / "out")])
+        main(
+            [
+                "--family",
+                "dinov2_small",
+                "--original",
+                str(tmp_path / "clip.safetensors"),
+                "--finetuned",
+                str(tmp_path / "clip.safetensors"),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -213,8 +241,18 @@ def test_cli_converts_full_size_presets(preset, tmp_path):
                     param.copy_((1.0 if is_norm_scale else 0.0) + 0.3 * torch.randn_like(param))
         save_file(model.state_dict(), tmp_path / f"{role}.safetensors")
         models.append(model)
-    main(["--family", preset, "--original", str(tmp_path / "original.safetensors"),
-          "--finetuned", str(tmp_path / "finetuned.safetensors"), "--output", str(tmp_path / "out")])
+    main(
+        [
+            "--family",
+            preset,
+            "--original",
+            str(tmp_path / "original.safetensors"),
+            "--finetuned",
+            str(tmp_path / "finetuned.safetensors"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     converted = AutoModel.from_pretrained(tmp_path / "out").eval()
     patch = backbones.patch_size_of(converted.config)
     grid = (11, 17)

@@ -7,14 +7,31 @@ from fit3d_hf.commands.demo import DemoArguments, prepare_run_folder, results_gr
 
 
 def _row(source, task, metric, mean, std, higher=True):
-    return dict(dataset="synthetic", split="test", task=task, metric=metric, source=source, values=[mean], mean=mean, std=std, higher_is_better=higher)
+    return dict(
+        dataset="synthetic",
+        split="test",
+        task=task,
+        metric=metric,
+        source=source,
+        values=[mean],
+        mean=mean,
+        std=std,
+        higher_is_better=higher,
+    )
 
 
 RESULTS = {
     "protocol": {"seeds": [0, 1, 2]},
-    "sources": {name: {"role": role} for name, role in [
-        ("original", "baseline"), ("fit3d", "fit3d"), ("finetuned_only", "control"), ("concat_random", "control"), ("blur_control", "control"),
-    ]},
+    "sources": {
+        name: {"role": role}
+        for name, role in [
+            ("original", "baseline"),
+            ("fit3d", "fit3d"),
+            ("finetuned_only", "control"),
+            ("concat_random", "control"),
+            ("blur_control", "control"),
+        ]
+    },
     "results": [
         _row("original", "segmentation", "mean_iou", 0.50, 0.01),
         _row("fit3d", "segmentation", "mean_iou", 0.55, 0.01),
@@ -77,9 +94,27 @@ def test_run_folder_refuses_other_settings_and_foreign_folders(tmp_path):
 
 
 TINY_RUN = [
-    "--num_train_scenes", "1", "--num_probe_train_scenes", "1", "--num_test_scenes", "1", "--scene_views", "6",
-    "--lift_iterations", "60", "--finetune_steps", "4", "--finetune_batch_size", "2", "--seg_iterations", "10", "--depth_iterations", "10",
-    "--probe_seeds", "0", "1",
+    "--num_train_scenes",
+    "1",
+    "--num_probe_train_scenes",
+    "1",
+    "--num_test_scenes",
+    "1",
+    "--scene_views",
+    "6",
+    "--lift_iterations",
+    "60",
+    "--finetune_steps",
+    "4",
+    "--finetune_batch_size",
+    "2",
+    "--seg_iterations",
+    "10",
+    "--depth_iterations",
+    "10",
+    "--probe_seeds",
+    "0",
+    "1",
 ]
 
 
@@ -96,8 +131,17 @@ def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["--output_dir", str(out), "--backbone", str(backbone_dir), *TINY_RUN]
     first = main(argv)
-    for path in ("model/model.safetensors", "model/README.md", "control_blur/model.safetensors", "eval/results.json",
-                 "pictures/features.png", "pictures/loss_finetune.png", "pictures/loss_lifting.png", "summary.md", "lifted/room_0000.json"):
+    for path in (
+        "model/model.safetensors",
+        "model/README.md",
+        "control_blur/model.safetensors",
+        "eval/results.json",
+        "pictures/features.png",
+        "pictures/loss_finetune.png",
+        "pictures/loss_lifting.png",
+        "summary.md",
+        "lifted/room_0000.json",
+    ):
         assert (out / path).is_file(), path
     sources = set(first["results"]["sources"])
     assert sources == {"original", "fit3d", "finetuned_only", "concat_random", "blur_control"}
@@ -123,7 +167,11 @@ def test_default_demo_fine_tunes_and_reports_every_control(tmp_path):
     run = main(["--output_dir", str(out)])
     assert "fit3d-embedded-vit-p8" in (out / "summary.md").read_text()
     weights = load_file(out / "model" / "model.safetensors")
-    moved = [k for k in weights if k.startswith("finetuned.") and not torch.equal(weights[k], weights["original." + k[len("finetuned."):]])]
+    moved = [
+        k
+        for k in weights
+        if k.startswith("finetuned.") and not torch.equal(weights[k], weights["original." + k[len("finetuned.") :]])
+    ]
     assert moved, "fine-tuning did not change the backbone"
     rows = {(r["source"], r["task"]) for r in run["results"]["results"]}
     for source in ("original", "fit3d", "finetuned_only", "concat_random", "blur_control"):

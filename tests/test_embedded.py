@@ -16,8 +16,16 @@ from fit3d_hf.embedded import (
 )
 
 TINY = EmbeddedPretrainConfig(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, crop_height=32, crop_width=48,
-    steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=5,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    crop_height=32,
+    crop_width=48,
+    steps=40,
+    batch_size=8,
+    learning_rate=2e-3,
+    warmup_steps=5,
 )
 
 

@@ -107,8 +107,16 @@ def test_hf_dataset_column_mapping():
         "d": [np.full((6, 8), 1500, np.uint16).tolist() for _ in range(3)],
     }
     ds = datasets.Dataset.from_dict(rows)
-    data = from_hf_dataset(ds, name="mine", image_column="img", semantics_column="seg", depth_column="d",
-                           num_labels=3, max_depth=10.0, depth_scale=1000.0)
+    data = from_hf_dataset(
+        ds,
+        name="mine",
+        image_column="img",
+        semantics_column="seg",
+        depth_column="d",
+        num_labels=3,
+        max_depth=10.0,
+        depth_scale=1000.0,
+    )
     assert data.tasks == ["segmentation", "depth"]
     item = data[2]
     assert item["semantics"].unique().tolist() == [2] and item["depth_m"][0, 0].item() == pytest.approx(1.5)
@@ -138,8 +146,9 @@ def test_run_benchmark_on_images_of_different_sizes(tmp_path):
     test = load_eval_dataset("ade20k", tmp_path, "test", "segmentation")
     torch.manual_seed(0)
     model = backbones.build_backbone(backbones.tiny_config("dinov2", patch_size=8))
-    config = BenchmarkConfig(image_height=16, image_width=16, seeds=[0], seg_iterations=3, seg_batch_size=2,
-                             seg_warmup_iterations=0, progress=False)
+    config = BenchmarkConfig(
+        image_height=16, image_width=16, seeds=[0], seg_iterations=3, seg_batch_size=2, seg_warmup_iterations=0, progress=False
+    )
     results = run_benchmark({"a": model, "b": [model, model]}, train, test, config)
     rows = [r for r in results["results"] if r["metric"] == "mean_iou"]
     assert [r["source"] for r in rows] == ["a", "b"] and all(0 <= r["mean"] <= 1 for r in rows)
@@ -158,12 +167,38 @@ def test_evaluate_command_on_a_paper_layout(tmp_path):
     for split_file in ("nyu_train.txt", "nyu_test.txt"):  # the same frames in both lists: enough for the command
         _depth_split(root, split_file, 1000, [2.0, 3.0], h=16, w=24)
     torch.manual_seed(0)
-    FiT3DModel.from_backbone(backbones.build_backbone(backbones.tiny_config("dinov2", patch_size=8))).save_pretrained(tmp_path / "model")
-    results = evaluate.main([
-        "--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "eval"), "--dataset", "nyuv2", "--data_root", str(root),
-        "--image_height", "16", "--image_width", "24", "--seeds", "0", "--seg_iterations", "2", "--depth_iterations", "2",
-        "--seg_batch_size", "2", "--depth_batch_size", "2", "--no_controls", "--progress", "false",
-    ])
+    FiT3DModel.from_backbone(backbones.build_backbone(backbones.tiny_config("dinov2", patch_size=8))).save_pretrained(
+        tmp_path / "model"
+    )
+    results = evaluate.main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--dataset",
+            "nyuv2",
+            "--data_root",
+            str(root),
+            "--image_height",
+            "16",
+            "--image_width",
+            "24",
+            "--seeds",
+            "0",
+            "--seg_iterations",
+            "2",
+            "--depth_iterations",
+            "2",
+            "--seg_batch_size",
+            "2",
+            "--depth_batch_size",
+            "2",
+            "--no_controls",
+            "--progress",
+            "false",
+        ]
+    )
     tasks = {(r["source"], r["task"]) for r in results["results"]}
     assert tasks == {(s, t) for s in ("original", "fit3d") for t in ("segmentation", "depth")}
     assert (tmp_path / "eval" / "results.json").is_file()

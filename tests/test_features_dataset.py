@@ -60,7 +60,9 @@ def write_gaussians(folder, scene, feature_vector, decoder_center, out_dim=WIDTH
     }
     decoder = torch.zeros(out_dim, FEATURE_DIM, 3, 3)
     decoder[:, :, 1, 1] = decoder_center[:out_dim]
-    FeatureGaussians(params, decoder, {"format": FORMAT, "scene_id": scene.scene_id}).save(folder / f"{scene.scene_id}.safetensors")
+    FeatureGaussians(params, decoder, {"format": FORMAT, "scene_id": scene.scene_id}).save(
+        folder / f"{scene.scene_id}.safetensors"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -201,11 +203,28 @@ def test_render_command(tmp_path, lifted, room, backbone, capsys):
 
     root, _ = lifted
     backbone.save_pretrained(tmp_path / "backbone")
-    dataset = render.main([
-        "--output_dir", str(tmp_path / "targets"), "--backbone", str(tmp_path / "backbone"),
-        "--gaussians_dir", str(root / "gaussians"), "--synthetic_rooms", "1", "--synthetic_views", "4",
-        "--synthetic_height", "48", "--synthetic_width", "64", "--image_height", "64", "--image_width", "80",
-    ])
+    dataset = render.main(
+        [
+            "--output_dir",
+            str(tmp_path / "targets"),
+            "--backbone",
+            str(tmp_path / "backbone"),
+            "--gaussians_dir",
+            str(root / "gaussians"),
+            "--synthetic_rooms",
+            "1",
+            "--synthetic_views",
+            "4",
+            "--synthetic_height",
+            "48",
+            "--synthetic_width",
+            "64",
+            "--image_height",
+            "64",
+            "--image_width",
+            "80",
+        ]
+    )
     assert dataset.features["target"].shape == (WIDTH, 8, 10) and dataset.num_rows == len(room.train_views)
     assert load_targets(tmp_path / "targets")[0]["image"].shape == (3, 64, 80)
     assert targets_metadata(dataset)["backbone"]["name_or_path"] == str(tmp_path / "backbone")

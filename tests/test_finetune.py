@@ -116,7 +116,9 @@ def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path, targets_di
     checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert checkpoints == ["step_00000003"]  # nothing half-written
 
-    resumed = finetune(FiT3DModel.from_backbone(str(backbone_dir)), dataset, config, tmp_path / "b", resume_from_checkpoint="latest")
+    resumed = finetune(
+        FiT3DModel.from_backbone(str(backbone_dir)), dataset, config, tmp_path / "b", resume_from_checkpoint="latest"
+    )
     assert resumed.global_step == 7
     assert weights_checksum(resumed.model.finetuned) == weights_checksum(uninterrupted.model.finetuned)
     assert resumed.losses == uninterrupted.losses  # the log before the kill comes from the checkpoint
@@ -134,12 +136,25 @@ def test_command_saves_model_processor_card_and_pushes(tmp_path, targets_dir, ba
     monkeypatch.setattr(hub, "create_repo", lambda *args, **kwargs: None)
     monkeypatch.setattr(hub, "upload_folder", lambda **kwargs: uploads.append(kwargs) or "commit")
     out = tmp_path / "model"
-    finetune_command.main([
-        "--config", str(ROOT / "recipes" / "configs" / "finetune_cpu.yaml"),
-        "--dataset", str(targets_dir), "--backbone", str(backbone_dir), "--output_dir", str(out),
-        "--max_steps", "2", "--push_to_hub", "me/fit3d-tiny",
-    ])
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "fit3d_finetune.json"} <= set(os.listdir(out))
+    finetune_command.main(
+        [
+            "--config",
+            str(ROOT / "recipes" / "configs" / "finetune_cpu.yaml"),
+            "--dataset",
+            str(targets_dir),
+            "--backbone",
+            str(backbone_dir),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--push_to_hub",
+            "me/fit3d-tiny",
+        ]
+    )
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "fit3d_finetune.json"} <= set(
+        os.listdir(out)
+    )
     info = json.loads((out / "fit3d_finetune.json").read_text())
     assert info["global_step"] == 2 and info["num_processes"] == 1
     loaded = FiT3DModel.from_pretrained(out)
@@ -157,12 +172,22 @@ def test_command_saves_model_processor_card_and_pushes(tmp_path, targets_dir, ba
 def test_two_cpu_processes_hold_identical_weights(tmp_path, targets_dir, backbone_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "recipes" / "configs" / "accelerate_cpu_2proc.yaml"),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes" / "configs" / "accelerate_cpu_2proc.yaml"),
         str(ROOT / "recipes" / "finetune.py"),
-        "--config", str(ROOT / "recipes" / "configs" / "finetune_cpu.yaml"),
-        "--dataset", str(targets_dir), "--backbone", str(backbone_dir), "--output_dir", str(tmp_path / "ddp"),
-        "--max_steps", "2",
+        "--config",
+        str(ROOT / "recipes" / "configs" / "finetune_cpu.yaml"),
+        "--dataset",
+        str(targets_dir),
+        "--backbone",
+        str(backbone_dir),
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--max_steps",
+        "2",
     ]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -177,6 +202,10 @@ def test_two_cpu_processes_hold_identical_weights(tmp_path, targets_dir, backbon
 def test_unavailable_tracker_refused(tmp_path, targets_dir, backbone_dir):
     from accelerate.tracking import get_available_trackers
 
-    missing = next(name for name in ("wandb", "comet_ml", "aim", "mlflow", "clearml") if name not in map(str, get_available_trackers()))
+    missing = next(
+        name for name in ("wandb", "comet_ml", "aim", "mlflow", "clearml") if name not in map(str, get_available_trackers())
+    )
     with pytest.raises(ValueError, match=f"--report_to '{missing}' is not installed"):
-        finetune(FiT3DModel.from_backbone(str(backbone_dir)), load_targets(targets_dir), fast_config(report_to=missing), tmp_path / "r")
+        finetune(
+            FiT3DModel.from_backbone(str(backbone_dir)), load_targets(targets_dir), fast_config(report_to=missing), tmp_path / "r"
+        )

@@ -12,8 +12,17 @@ def _results(tmp_path):
         for metric, offset, hib in (("mean_iou", 0.0, True), ("rmse", 0.3, False)):
             values = [base + offset, base + offset + 0.01, base + offset - 0.01]
             rows.append(
-                dict(dataset="synthetic", split="test", task="segmentation" if metric == "mean_iou" else "depth",
-                     metric=metric, source=source, values=values, mean=sum(values) / 3, std=0.01, higher_is_better=hib)
+                dict(
+                    dataset="synthetic",
+                    split="test",
+                    task="segmentation" if metric == "mean_iou" else "depth",
+                    metric=metric,
+                    source=source,
+                    values=values,
+                    mean=sum(values) / 3,
+                    std=0.01,
+                    higher_is_better=hib,
+                )
             )
     results = {
         "fit3d_hf_version": "0.1.0",
@@ -43,9 +52,17 @@ def test_write_model_card_fills_model_index(tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(
-        json.dumps({"model_type": "fit3d", "assembly": "concat", "backbone_config": {"model_type": "dinov2", "hidden_size": 384, "patch_size": 14}})
+        json.dumps(
+            {
+                "model_type": "fit3d",
+                "assembly": "concat",
+                "backbone_config": {"model_type": "dinov2", "hidden_size": 384, "patch_size": 14},
+            }
+        )
     )
-    out = hub.write_model_card(model_dir, eval_results_path=results_path, extra={"base_model": "facebook/dinov2-small", "training": "300 steps"})
+    out = hub.write_model_card(
+        model_dir, eval_results_path=results_path, extra={"base_model": "facebook/dinov2-small", "training": "300 steps"}
+    )
     assert out == model_dir / "README.md"
     text = out.read_text()
     header = yaml.safe_load(text.split("---")[1])
@@ -104,6 +121,15 @@ def test_push_command_passes_arguments(tmp_path, monkeypatch):
     from fit3d_hf.commands import push
 
     sent = {}
-    monkeypatch.setattr(hub, "push_to_hub", lambda folder, repo_id, **kw: sent.update(folder=folder, repo_id=repo_id, **kw) or "url")
+    monkeypatch.setattr(
+        hub, "push_to_hub", lambda folder, repo_id, **kw: sent.update(folder=folder, repo_id=repo_id, **kw) or "url"
+    )
     push.main(["--folder", str(tmp_path), "--repo_id", "me/data", "--repo_type", "dataset", "--private"])
-    assert sent == {"folder": str(tmp_path), "repo_id": "me/data", "repo_type": "dataset", "private": True, "token": None, "commit_message": None}
+    assert sent == {
+        "folder": str(tmp_path),
+        "repo_id": "me/data",
+        "repo_type": "dataset",
+        "private": True,
+        "token": None,
+        "commit_message": None,
+    }

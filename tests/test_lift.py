@@ -43,9 +43,18 @@ def tiny_room(seed: int = 0):
 
 def tiny_config_for_tests(**overrides) -> LiftConfig:
     # Densify every 4 steps from step 4 on; no opacity reset (it needs hundreds of steps to recover from).
-    values = dict(iterations=TINY_STEPS, init_points=1000, max_gaussians=1500, checkpoint_every=5,
-                  lr_features=2.5e-3, lr_decoder=2.5e-3, feature_dim=16, refine_start=3000, refine_every=5000,
-                  reset_opacity_every=10**6)
+    values = dict(
+        iterations=TINY_STEPS,
+        init_points=1000,
+        max_gaussians=1500,
+        checkpoint_every=5,
+        lr_features=2.5e-3,
+        lr_decoder=2.5e-3,
+        feature_dim=16,
+        refine_start=3000,
+        refine_every=5000,
+        reset_opacity_every=10**6,
+    )
     values.update(overrides)
     return LiftConfig(**values)
 
@@ -74,7 +83,12 @@ def test_schedules_scale_with_the_iteration_count():
     assert (strategy.refine_every, strategy.reset_every) == (2, 60)
     assert config.scaled(config.sh_degree_every) == 20
     official = lift_module._make_strategy(LiftConfig())
-    assert (official.refine_start_iter, official.refine_stop_iter, official.refine_every, official.reset_every) == (500, 15_000, 100, 3_000)
+    assert (official.refine_start_iter, official.refine_stop_iter, official.refine_every, official.reset_every) == (
+        500,
+        15_000,
+        100,
+        3_000,
+    )
     # The means' lr decays exponentially from 1.6e-4 to 1.6e-6 times the extent over the run.
     assert lift_module._means_lr(0, config, 2.0) == pytest.approx(3.2e-4)
     assert lift_module._means_lr(300, config, 2.0) == pytest.approx(3.2e-5)
@@ -153,8 +167,14 @@ def _toy_params(n: int, opacity: float) -> tuple[dict, dict]:
 def _toy_info(n: int) -> dict:
     means2d = torch.zeros(1, n, 2, requires_grad=True)
     means2d.grad = torch.zeros(1, n, 2)
-    return {"means2d": means2d, "radii": torch.ones(1, n, 2, dtype=torch.int32), "gaussian_ids": None,
-            "width": 64, "height": 48, "n_cameras": 1}
+    return {
+        "means2d": means2d,
+        "radii": torch.ones(1, n, 2, dtype=torch.int32),
+        "gaussian_ids": None,
+        "width": 64,
+        "height": 48,
+        "n_cameras": 1,
+    }
 
 
 def test_opacity_reset_works_around_gsplat_153_bug():
@@ -381,8 +401,10 @@ def test_cpu_preset_quality_on_a_synthetic_room(tmp_path):
     lift_scene(scene, tiny_backbone(), LiftConfig.cpu_preset(), output_dir=tmp_path, progress=False)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     report = json.loads((tmp_path / f"{scene.scene_id}.json").read_text())
-    print(f"\n{scene.scene_id}: {report['metrics']}, {report['num_gaussians']} Gaussians, {seconds:.1f} s wall, "
-          f"{cpu_seconds:.1f} CPU-s, {report['iterations_per_second']:.2f} it/s")
+    print(
+        f"\n{scene.scene_id}: {report['metrics']}, {report['num_gaussians']} Gaussians, {seconds:.1f} s wall, "
+        f"{cpu_seconds:.1f} CPU-s, {report['iterations_per_second']:.2f} it/s"
+    )
     assert report["metrics"]["psnr"] >= 25.0
     assert report["metrics"]["feature_cosine"] >= 0.8
 

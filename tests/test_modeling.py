@@ -43,7 +43,9 @@ def test_output_shapes_every_family(family):
     assert output.original_feature_maps.shape == output.finetuned_feature_maps.shape == (2, 32, 3, 5)
     assert output.cls_token.shape == (2, 32)
     torch.testing.assert_close(output.last_hidden_state, output.feature_maps.flatten(2).transpose(1, 2), rtol=0, atol=0)
-    torch.testing.assert_close(output.feature_maps, torch.cat([output.original_feature_maps, output.finetuned_feature_maps], 1), rtol=0, atol=0)
+    torch.testing.assert_close(
+        output.feature_maps, torch.cat([output.original_feature_maps, output.finetuned_feature_maps], 1), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("assembly", ["finetuned", "original", "add"])
@@ -130,8 +132,19 @@ def test_fresh_process_loads_with_trust_remote_code(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FRESH_PROCESS), str(tmp_path / "model"), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(FRESH_PROCESS),
+            str(tmp_path / "model"),
+            str(tmp_path / "pixels.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith("transformers_modules.")

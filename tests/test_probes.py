@@ -25,7 +25,9 @@ def test_heads_shapes_and_depth_range():
     assert out.depth.min() >= 1e-3 and out.depth.max() <= 10.0
     # the conv runs on the patch grid: same result as the protocol's upsample-then-conv order
     x, cls = torch.randn(2, 16, 4, 6), torch.randn(2, 16)
-    literal = torch.nn.functional.interpolate(torch.cat([x, cls[:, :, None, None].expand_as(x)], 1), size=(16, 24), mode="bilinear")
+    literal = torch.nn.functional.interpolate(
+        torch.cat([x, cls[:, :, None, None].expand_as(x)], 1), size=(16, 24), mode="bilinear"
+    )
     weights = torch.relu(depth.conv(literal)) + 0.1
     assert torch.allclose(depth(x, cls, (16, 24)).bin_weights, weights / weights.sum(1, keepdim=True), atol=1e-6)
 
@@ -40,7 +42,9 @@ def test_depth_losses_hand_computed():
     # warm-up keeps only the mean term
     noisy = target * torch.exp(torch.randn_like(target) * 0.1)
     g = torch.log(noisy) - torch.log(target)
-    assert sig_loss(noisy, target, valid, warm_up=True, eps=0.0).item() == pytest.approx(math.sqrt(0.15) * g.mean().abs().item(), rel=1e-4)
+    assert sig_loss(noisy, target, valid, warm_up=True, eps=0.0).item() == pytest.approx(
+        math.sqrt(0.15) * g.mean().abs().item(), rel=1e-4
+    )
     assert depth_loss(noisy, target, max_depth=10.0) > 0
     # invalid pixels (target 0 or beyond max_depth) do not count
     broken = noisy.clone()
@@ -49,14 +53,20 @@ def test_depth_losses_hand_computed():
     target_masked[..., 0, 0] = 0.0
     partly = torch.ones_like(valid)
     partly[..., 0, 0] = False
-    assert sig_loss(broken, target_masked, target_masked > 1e-3).item() == pytest.approx(sig_loss(noisy, target, partly).item(), rel=1e-5)
+    assert sig_loss(broken, target_masked, target_masked > 1e-3).item() == pytest.approx(
+        sig_loss(noisy, target, partly).item(), rel=1e-5
+    )
 
 
 def test_schedules():
     poly = ProbeConfig("segmentation", 100, 2, 1e-3, 0.0, "poly", warmup_iterations=10, warmup_ratio=0.0)
     assert poly.lr_factor(0) == 0.0 and poly.lr_factor(5) == pytest.approx(0.5) and poly.lr_factor(50) == pytest.approx(0.5)
     cosine = ProbeConfig("depth", 100, 2, 1e-4, 0.0, "cosine")
-    assert cosine.lr_factor(0) == pytest.approx(1.0) and cosine.lr_factor(50) == pytest.approx(0.5) and cosine.lr_factor(100) == pytest.approx(0.0)
+    assert (
+        cosine.lr_factor(0) == pytest.approx(1.0)
+        and cosine.lr_factor(50) == pytest.approx(0.5)
+        and cosine.lr_factor(100) == pytest.approx(0.0)
+    )
     with pytest.raises(ValueError, match="schedule"):
         ProbeConfig("depth", 10, 2, 1e-4, 0.0, "step").lr_factor(5)
 
@@ -70,7 +80,8 @@ def test_cpu_yaml_is_the_cpu_preset():
     assert not drift
     paper = yaml.safe_load((CONFIGS / "evaluate_paper.yaml").read_text())  # the paper protocol = the defaults
     assert {k: v for k, v in paper.items() if k in BenchmarkConfig.__dataclass_fields__} == {
-        k: getattr(BenchmarkConfig(), k) for k in paper if k in BenchmarkConfig.__dataclass_fields__}
+        k: getattr(BenchmarkConfig(), k) for k in paper if k in BenchmarkConfig.__dataclass_fields__
+    }
 
 
 def test_segmentation_probe_learns_separable_features():
@@ -92,7 +103,9 @@ def test_depth_probe_learns_depth_from_features():
     features = torch.nn.functional.one_hot(levels, 8).permute(0, 3, 1, 2).float() * 5
     targets = depth[:, 0]  # at the feature grid: no interpolation blur at level boundaries
     config = ProbeConfig("depth", 200, 8, 1e-1, 0.0, "cosine", sig_warmup_iterations=20)
-    head = train_probe(DepthProbe(8, max_depth=10.0, upsample=1), features, targets, config, cls_token=torch.zeros(32, 8), seed=0, progress=False)
+    head = train_probe(
+        DepthProbe(8, max_depth=10.0, upsample=1), features, targets, config, cls_token=torch.zeros(32, 8), seed=0, progress=False
+    )
     preds = predict(head, features, (4, 4), cls_token=torch.zeros(32, 8))
     mean_predictor = (targets - targets.mean()).pow(2).mean().sqrt()
     assert (preds - targets).pow(2).mean().sqrt() < 0.05 * mean_predictor
@@ -111,13 +124,23 @@ def _tiny_fit3d(seed: int = 0) -> FiT3DModel:
 def test_benchmark_on_scenes_report_and_resume(tmp_path):
     rooms = synthetic.make_rooms(3, seed=50, num_views=6, height=48, width=64)
     model = _tiny_fit3d()
-    config = BenchmarkConfig.cpu_preset(image_height=44, image_width=64, seg_iterations=10, depth_iterations=10,
-                                        seeds=[0, 1], cache_dir=str(tmp_path / "cache"), progress=False)
+    config = BenchmarkConfig.cpu_preset(
+        image_height=44,
+        image_width=64,
+        seg_iterations=10,
+        depth_iterations=10,
+        seeds=[0, 1],
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
     assert input_size(model, config) == (40, 64)  # rounded down to the patch size
     sources = {"original": model.original, "fit3d": model, "concat_random": [model.original, _tiny_fit3d(1).finetuned]}
     results = benchmark_on_scenes(sources, rooms[:2], rooms[2:], config)
     assert results["sources"]["fit3d"]["models"][0]["assembly"] == "concat"
-    assert results["sources"]["concat_random"]["combination"] == "concat" and results["sources"]["concat_random"]["role"] == "control"
+    assert (
+        results["sources"]["concat_random"]["combination"] == "concat"
+        and results["sources"]["concat_random"]["role"] == "control"
+    )
     assert results["protocol"]["seeds"] == [0, 1] and results["protocol"]["train_dataset"]["images"] == 12
     rows = {(r["source"], r["task"], r["metric"]): r for r in results["results"]}
     assert {task for _, task, _ in rows} == {"segmentation", "depth", "correspondence"}
@@ -135,7 +158,9 @@ def test_benchmark_on_scenes_report_and_resume(tmp_path):
     again = benchmark_on_scenes(sources, rooms[:2], rooms[2:], config)
     assert [r["values"] for r in again["results"]] == [r["values"] for r in results["results"]]
     # another probe protocol is another run, never a stale cached one
-    benchmark_on_scenes({"original": model.original}, rooms[:2], rooms[2:], replace(config, seg_iterations=11, tasks=["segmentation"]))
+    benchmark_on_scenes(
+        {"original": model.original}, rooms[:2], rooms[2:], replace(config, seg_iterations=11, tasks=["segmentation"])
+    )
     assert len(list((tmp_path / "cache" / "runs").iterdir())) == len(runs) + 2
 
 
@@ -144,12 +169,38 @@ def test_evaluate_and_card_commands(tmp_path):
 
     model = _tiny_fit3d()
     model.save_pretrained(tmp_path / "model")
-    results = evaluate.main([
-        "--config", str(CONFIGS / "evaluate_synthetic_cpu.yaml"), "--model", str(tmp_path / "model"),
-        "--output_dir", str(tmp_path / "eval"), "--num_train_scenes", "1", "--num_test_scenes", "1", "--scene_views", "4",
-        "--scene_height", "32", "--scene_width", "48", "--image_height", "32", "--image_width", "48",
-        "--seg_iterations", "5", "--depth_iterations", "5", "--seeds", "0", "--progress", "false",
-    ])
+    results = evaluate.main(
+        [
+            "--config",
+            str(CONFIGS / "evaluate_synthetic_cpu.yaml"),
+            "--model",
+            str(tmp_path / "model"),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--num_train_scenes",
+            "1",
+            "--num_test_scenes",
+            "1",
+            "--scene_views",
+            "4",
+            "--scene_height",
+            "32",
+            "--scene_width",
+            "48",
+            "--image_height",
+            "32",
+            "--image_width",
+            "48",
+            "--seg_iterations",
+            "5",
+            "--depth_iterations",
+            "5",
+            "--seeds",
+            "0",
+            "--progress",
+            "false",
+        ]
+    )
     assert set(results["sources"]) == {"original", "fit3d", "finetuned_only", "concat_random"}
     assert (tmp_path / "eval" / "results.md").is_file()
     card.main(["--model_dir", str(tmp_path / "model"), "--results", str(tmp_path / "eval" / "results.json")])
@@ -167,12 +218,37 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     _tiny_fit3d().save_pretrained(tmp_path / "model")
     root = Path(__file__).resolve().parents[1]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/configs/accelerate_cpu_2proc.yaml",
-        "recipes/evaluate.py", "--config", "recipes/configs/evaluate_synthetic_cpu.yaml", "--model", str(tmp_path / "model"),
-        "--output_dir", str(tmp_path / "eval"), "--num_train_scenes", "1", "--num_test_scenes", "1", "--scene_views", "4",
-        "--seg_iterations", "5", "--depth_iterations", "5", "--seeds", "0", "--progress", "false", "--no_controls",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "recipes/configs/accelerate_cpu_2proc.yaml",
+        "recipes/evaluate.py",
+        "--config",
+        "recipes/configs/evaluate_synthetic_cpu.yaml",
+        "--model",
+        str(tmp_path / "model"),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--num_train_scenes",
+        "1",
+        "--num_test_scenes",
+        "1",
+        "--scene_views",
+        "4",
+        "--seg_iterations",
+        "5",
+        "--depth_iterations",
+        "5",
+        "--seeds",
+        "0",
+        "--progress",
+        "false",
+        "--no_controls",
     ]
-    done = subprocess.run(command, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        command, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["protocol"]["num_processes"] == 2 and set(results["sources"]) == {"original", "fit3d"}

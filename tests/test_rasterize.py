@@ -127,7 +127,7 @@ def test_matches_bruteforce_values_and_gradients(seed, n_cameras):
     ours, ref = grads_of(loss_ours, params), grads_of(loss_ref, params)
     for name, g, g_ref in zip(["means", "quats", "scales", "opacities", "colors"], ours, ref):
         assert g_ref.abs().max() > 0, name
-        torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-6, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-6, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize(
@@ -444,8 +444,8 @@ def test_gsplat_backend_plumbing_with_a_stand_in(monkeypatch):
     feature pass on detached geometry."""
     import gsplat
 
-    from fit3d_hf.splatting.rasterize import _rasterize_gsplat
     from fit3d_hf.splatting._torch_backend import rasterize_torch
+    from fit3d_hf.splatting.rasterize import _rasterize_gsplat
 
     calls = []
 

@@ -5,8 +5,7 @@ import time
 import pytest
 import torch
 
-from fit3d_hf.scenes import Scene, SceneError, sanitize_scene_id
-from fit3d_hf.scenes import synthetic
+from fit3d_hf.scenes import Scene, SceneError, sanitize_scene_id, synthetic
 from fit3d_hf.scenes.geometry import backproject, warp_to_source
 
 
@@ -18,10 +17,12 @@ def room() -> Scene:
 def reproject(scene: Scene, src: int, dst: int, world_to_camera: torch.Tensor):
     """View `dst`'s colours and labels at view `src`'s pixels, through src's depth and the cameras."""
     K, depth = scene.intrinsics, scene.depth_m
-    colors, visible = warp_to_source(depth[src], K[src], world_to_camera[src], scene.image(dst), K[dst],
-                                     world_to_camera[dst], depth[dst])
-    labels, _ = warp_to_source(depth[src], K[src], world_to_camera[src], scene.semantics[dst][None], K[dst],
-                               world_to_camera[dst], mode="nearest")
+    colors, visible = warp_to_source(
+        depth[src], K[src], world_to_camera[src], scene.image(dst), K[dst], world_to_camera[dst], depth[dst]
+    )
+    labels, _ = warp_to_source(
+        depth[src], K[src], world_to_camera[src], scene.semantics[dst][None], K[dst], world_to_camera[dst], mode="nearest"
+    )
     return colors, labels[0], visible
 
 
@@ -71,6 +72,7 @@ def test_depth_is_z_depth_in_metres(room):
 
 def test_reprojection_matches_colours_and_labels(room):
     """Depth of one view, warped into a neighbour with the cameras, finds the same colours/labels."""
+
     def matched(world_to_camera):
         colors, labels, visible = reproject(room, 4, 5, world_to_camera)
         agree = ((colors - room.image(4)).abs().mean(0) < 0.05) & (labels == room.semantics[4])
@@ -104,8 +106,14 @@ def test_make_rooms():
 
 
 def _tiny_scene(**overrides) -> dict:
-    args = dict(scene_id="s", intrinsics=torch.tensor([[[20.0, 0, 8], [0, 20.0, 6], [0, 0, 1]]]).repeat(2, 1, 1),
-                world_to_camera=torch.eye(4).repeat(2, 1, 1), height=12, width=16, image_data=torch.rand(2, 3, 12, 16))
+    args = dict(
+        scene_id="s",
+        intrinsics=torch.tensor([[[20.0, 0, 8], [0, 20.0, 6], [0, 0, 1]]]).repeat(2, 1, 1),
+        world_to_camera=torch.eye(4).repeat(2, 1, 1),
+        height=12,
+        width=16,
+        image_data=torch.rand(2, 3, 12, 16),
+    )
     args.update(overrides)
     return args
 
@@ -141,8 +149,9 @@ def test_dataset_round_trip_through_disk(tmp_path):
 
     rooms = synthetic.make_rooms(2, seed=20, num_views=9, height=24, width=32, num_points=50)
     dataset = scenes_to_dataset(rooms)
-    assert len(dataset) == 18 and {"image", "depth", "semantics", "intrinsics", "world_to_camera", "scene_id",
-                                   "view_id"} <= set(dataset.column_names)
+    assert len(dataset) == 18 and {"image", "depth", "semantics", "intrinsics", "world_to_camera", "scene_id", "view_id"} <= set(
+        dataset.column_names
+    )
     dataset.save_to_disk(str(tmp_path / "rooms"))
     back = dataset_to_scenes(datasets.load_from_disk(str(tmp_path / "rooms")))
     assert [s.scene_id for s in back] == ["room_0020", "room_0021"]

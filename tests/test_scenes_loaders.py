@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fit3d_hf.scenes import Scene, SceneError, detect_format, load_scene
-from fit3d_hf.scenes import synthetic
+from fit3d_hf.scenes import Scene, SceneError, detect_format, load_scene, synthetic
 from fit3d_hf.scenes.colmap import MODEL_IDS
 from fit3d_hf.scenes.geometry import warp_to_source
 
@@ -46,10 +45,18 @@ def gl_camera_to_world(room: Scene) -> torch.Tensor:
 def write_transforms(room: Scene, folder: Path, **top_level) -> Path:
     names = write_images(room, folder / "images")
     K = room.intrinsics[0]
-    meta = {"fl_x": K[0, 0].item(), "fl_y": K[1, 1].item(), "cx": K[0, 2].item(), "cy": K[1, 2].item(),
-            "w": room.width, "h": room.height, **top_level,
-            "frames": [{"file_path": f"images/{n}", "transform_matrix": c2w.tolist()}
-                       for n, c2w in zip(names, gl_camera_to_world(room))]}
+    meta = {
+        "fl_x": K[0, 0].item(),
+        "fl_y": K[1, 1].item(),
+        "cx": K[0, 2].item(),
+        "cy": K[1, 2].item(),
+        "w": room.width,
+        "h": room.height,
+        **top_level,
+        "frames": [
+            {"file_path": f"images/{n}", "transform_matrix": c2w.tolist()} for n, c2w in zip(names, gl_camera_to_world(room))
+        ],
+    }
     (folder / "transforms.json").write_text(json.dumps(meta))
     return folder / "transforms.json"
 
@@ -124,8 +131,14 @@ def test_transforms_json_undistorts(tmp_path):
     room = synthetic.make_room(6, num_views=2, height=96, width=128, num_points=100)
     coeffs = dict(k1=0.3, k2=0.03, p1=0.002, p2=-0.003)
     distorted = torch.stack([distort(room.image(i), room.intrinsics[i], **coeffs) for i in range(2)])
-    recording = Scene(scene_id="lens", intrinsics=room.intrinsics, world_to_camera=room.world_to_camera,
-                      height=96, width=128, image_data=distorted)
+    recording = Scene(
+        scene_id="lens",
+        intrinsics=room.intrinsics,
+        world_to_camera=room.world_to_camera,
+        height=96,
+        width=128,
+        image_data=distorted,
+    )
     write_transforms(recording, tmp_path, **coeffs)
     loaded = load_scene(tmp_path)
     mask = loaded.mask(1)  # pincushion: the undistorted corners were never recorded
@@ -202,8 +215,17 @@ def test_fit3d_scannetpp_round_trip(room, tmp_path):
     c2w = torch.linalg.inv(room.world_to_camera.double())
     frames = [{"file_path": n, "transform_matrix": nerfstudio_world(m).tolist()} for n, m in zip(names, c2w)]
     K = room.intrinsics[0]
-    meta = {"fl_x": K[0, 0].item(), "fl_y": K[1, 1].item(), "cx": K[0, 2].item(), "cy": K[1, 2].item(),
-            "w": room.width, "h": room.height, "camera_model": "PINHOLE", "frames": frames[:6], "test_frames": frames[6:]}
+    meta = {
+        "fl_x": K[0, 0].item(),
+        "fl_y": K[1, 1].item(),
+        "cx": K[0, 2].item(),
+        "cy": K[1, 2].item(),
+        "w": room.width,
+        "h": room.height,
+        "camera_model": "PINHOLE",
+        "frames": frames[:6],
+        "test_frames": frames[6:],
+    }
     (scene_dir / "transforms_train.json").write_text(json.dumps(meta))
     write_points3d_text(scene_dir / "points3D.txt", room.points, room.point_colors)
 
@@ -250,17 +272,24 @@ def colmap_cameras(room: Scene) -> list[tuple[str, list[float]]]:
     cameras = []
     for i, K in enumerate(room.intrinsics.tolist()):
         fx, fy, cx, cy = K[0][0], K[1][1], K[0][2], K[1][2]
-        cameras.append([("PINHOLE", [fx, fy, cx, cy]), ("SIMPLE_PINHOLE", [fx, cx, cy]),
-                        ("OPENCV", [fx, fy, cx, cy, 0.0, 0.0, 0.0, 0.0])][i % 3])
+        cameras.append(
+            [("PINHOLE", [fx, fy, cx, cy]), ("SIMPLE_PINHOLE", [fx, cx, cy]), ("OPENCV", [fx, fy, cx, cy, 0.0, 0.0, 0.0, 0.0])][
+                i % 3
+            ]
+        )
     return cameras
 
 
 def write_colmap_text(room: Scene, model: Path, names: list[str]):
     model.mkdir(parents=True)
     cameras = colmap_cameras(room)
-    (model / "cameras.txt").write_text("# Camera list\n" + "".join(
-        f"{i + 1} {m} {room.width} {room.height} {' '.join(repr(p) for p in params)}\n"
-        for i, (m, params) in enumerate(cameras)))
+    (model / "cameras.txt").write_text(
+        "# Camera list\n"
+        + "".join(
+            f"{i + 1} {m} {room.width} {room.height} {' '.join(repr(p) for p in params)}\n"
+            for i, (m, params) in enumerate(cameras)
+        )
+    )
     lines = ["# Image list with two lines of data per image:"]
     for i in reversed(range(room.num_views)):  # the loader sorts by name
         q, t = rotation_to_qvec(room.world_to_camera[i, :3, :3]), room.world_to_camera[i, :3, 3].tolist()
@@ -354,11 +383,14 @@ def test_fox_loads_with_sensible_intrinsics(fox_path):
 def test_transforms_json_reads_nerfstudio_point_cloud(room, tmp_path, fmt):
     path = write_transforms(room, tmp_path, ply_file_path="sparse_pc.ply")
     colors = (room.point_colors * 255).round().byte()
-    header = (f"ply\nformat {fmt} 1.0\nelement vertex {len(room.points)}\nproperty float x\nproperty float y\n"
-              "property float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
+    header = (
+        f"ply\nformat {fmt} 1.0\nelement vertex {len(room.points)}\nproperty float x\nproperty float y\n"
+        "property float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
+    )
     if fmt == "ascii":
-        body = "".join(f"{x!r} {y!r} {z!r} {r} {g} {b}\n" for (x, y, z), (r, g, b) in
-                       zip(room.points.tolist(), colors.tolist())).encode()
+        body = "".join(
+            f"{x!r} {y!r} {z!r} {r} {g} {b}\n" for (x, y, z), (r, g, b) in zip(room.points.tolist(), colors.tolist())
+        ).encode()
     else:
         records = np.zeros(len(room.points), dtype=[("xyz", "<f4", 3), ("rgb", "u1", 3)])
         records["xyz"], records["rgb"] = room.points.numpy(), colors.numpy()

@@ -51,7 +51,9 @@ def test_figures_are_written_atomically(tmp_path):
     sources = {"original": torch.randn(2, 16, 4, 6), "FiT3D": torch.randn(2, 32, 4, 6)}
     path = feature_figure(images, sources, tmp_path / "features.png", k=3, title="test")
     assert path.read_bytes()[:8] == PNG_MAGIC
-    curves = loss_curves_figure({"lifted": [1.0, 0.5, 0.4], "control": [(5, 1.0), (10, 0.8)]}, tmp_path / "loss.png", title="t", smooth=2)
+    curves = loss_curves_figure(
+        {"lifted": [1.0, 0.5, 0.4], "control": [(5, 1.0), (10, 0.8)]}, tmp_path / "loss.png", title="t", smooth=2
+    )
     assert curves.read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features.png", "loss.png"]
 

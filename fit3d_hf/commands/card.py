@@ -17,7 +17,9 @@ the protocol. Example:
 class CardArguments:
     model_dir: str = field(metadata={"help": "A FiT3DModel folder; its README.md is (re)written."})
     results: str | None = field(default=None, metadata={"help": "results.json from `fit3d evaluate`."})
-    template: str = field(default="fit3d_template", metadata={"help": "Template name in fit3d_hf/model_cards/ or a path to a .md file."})
+    template: str = field(
+        default="fit3d_template", metadata={"help": "Template name in fit3d_hf/model_cards/ or a path to a .md file."}
+    )
     model_name: str | None = field(default=None, metadata={"help": "Title of the card (default: the folder name)."})
     base_model: str | None = field(default=None, metadata={"help": "Hub id of the backbone the model was fine-tuned from."})
     license: str | None = field(default=None, metadata={"help": "License id for the card (default apache-2.0)."})
@@ -25,10 +27,19 @@ class CardArguments:
 
 
 def main(argv: list[str] | None = None):
-    args, = parse_args((CardArguments,), argv, prog="fit3d card", description=DESCRIPTION)
+    (args,) = parse_args((CardArguments,), argv, prog="fit3d card", description=DESCRIPTION)
     from fit3d_hf.hub import write_model_card
 
-    extra = {k: v for k, v in (("model_name", args.model_name), ("base_model", args.base_model), ("license", args.license), ("training", args.training)) if v is not None}
+    extra = {
+        k: v
+        for k, v in (
+            ("model_name", args.model_name),
+            ("base_model", args.base_model),
+            ("license", args.license),
+            ("training", args.training),
+        )
+        if v is not None
+    }
     path = write_model_card(args.model_dir, eval_results_path=args.results, extra=extra, template=args.template)
     print(f"wrote {path}")
     return path

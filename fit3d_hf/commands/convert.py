@@ -24,7 +24,10 @@ class ConvertArguments:
     output: str = field(metadata={"help": "Folder to write (must not exist unless --overwrite)."})
     assembly: str = field(
         default="concat",
-        metadata={"help": "Output features: concat (paper), finetuned, original or add.", "choices": ["concat", "finetuned", "original", "add"]},
+        metadata={
+            "help": "Output features: concat (paper), finetuned, original or add.",
+            "choices": ["concat", "finetuned", "original", "add"],
+        },
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
 
@@ -36,7 +39,12 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         output = convert_checkpoints(
-            args.original, args.finetuned, args.output, preset_config(args.family), assembly=args.assembly, overwrite=args.overwrite
+            args.original,
+            args.finetuned,
+            args.output,
+            preset_config(args.family),
+            assembly=args.assembly,
+            overwrite=args.overwrite,
         )
     except (ConversionError, FileNotFoundError, FileExistsError) as error:
         sys.exit(f"fit3d convert: {error}")

@@ -4,7 +4,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,10 +38,28 @@ it is available (no download happens here when HF_HUB_OFFLINE=1).
 STAGES = ("scenes", "lift", "render", "finetune", "evaluate", "card", "pictures", "summary")
 # Settings that change an artifact: a rerun with other values must not mix old and new results.
 RUN_SETTINGS = (
-    "backbone", "num_train_scenes", "num_probe_train_scenes", "num_test_scenes", "scene_views", "scene_height",
-    "scene_width", "scene_seed", "probe_scene_seed", "seed", "lift_iterations", "lift_max_gaussians", "lift_init_points",
-    "blur_sigma", "finetune_steps", "finetune_batch_size", "learning_rate", "probe_seeds", "seg_iterations", "depth_iterations",
-    "probe_height", "probe_width",
+    "backbone",
+    "num_train_scenes",
+    "num_probe_train_scenes",
+    "num_test_scenes",
+    "scene_views",
+    "scene_height",
+    "scene_width",
+    "scene_seed",
+    "probe_scene_seed",
+    "seed",
+    "lift_iterations",
+    "lift_max_gaussians",
+    "lift_init_points",
+    "blur_sigma",
+    "finetune_steps",
+    "finetune_batch_size",
+    "learning_rate",
+    "probe_seeds",
+    "seg_iterations",
+    "depth_iterations",
+    "probe_height",
+    "probe_width",
 )
 # Headline metric per task: (task, metric, label, higher is better).
 HEADLINE_METRICS = (
@@ -63,16 +81,24 @@ class DemoArguments:
     output_dir: str = field(default="fit3d-demo", metadata={"help": "Run folder (resumable)."})
     backbone: str = field(
         default="embedded",
-        metadata={"help": "'embedded' (the package's small SimMIM-pretrained ViT), or a folder / Hub id of a transformers backbone."},
+        metadata={
+            "help": "'embedded' (the package's small SimMIM-pretrained ViT), or a folder / Hub id of a transformers backbone."
+        },
     )
-    num_train_scenes: int = field(default=3, metadata={"help": "Rooms lifted and fine-tuned on (seeds scene_seed, scene_seed+1, ...)."})
-    num_probe_train_scenes: int = field(default=3, metadata={"help": "Other rooms the linear probes train on (seeds probe_scene_seed, ...)."})
+    num_train_scenes: int = field(
+        default=3, metadata={"help": "Rooms lifted and fine-tuned on (seeds scene_seed, scene_seed+1, ...)."}
+    )
+    num_probe_train_scenes: int = field(
+        default=3, metadata={"help": "Other rooms the linear probes train on (seeds probe_scene_seed, ...)."}
+    )
     num_test_scenes: int = field(default=2, metadata={"help": "Unseen rooms the probes and correspondence are tested on."})
     scene_views: int = field(default=16, metadata={"help": "Views per room."})
     scene_height: int = field(default=120, metadata={"help": "Room image height."})
     scene_width: int = field(default=160, metadata={"help": "Room image width."})
     scene_seed: int = field(default=0, metadata={"help": "Seed of the first fine-tuning room."})
-    probe_scene_seed: int = field(default=1000, metadata={"help": "Seed of the first probe room (test rooms follow the probe-train rooms)."})
+    probe_scene_seed: int = field(
+        default=1000, metadata={"help": "Seed of the first probe room (test rooms follow the probe-train rooms)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of lifting, fine-tuning and the random-ViT control."})
     lift_iterations: int = field(default=300, metadata={"help": "Lifting steps per room (CPU preset otherwise)."})
     lift_max_gaussians: int = field(default=8_000, metadata={"help": "Cap on Gaussians per room."})
@@ -80,8 +106,12 @@ class DemoArguments:
     blur_sigma: float = field(default=1.0, metadata={"help": "Blur of the single-view control targets, in patch-grid cells."})
     finetune_steps: int = field(default=250, metadata={"help": "Fine-tuning steps (each run)."})
     finetune_batch_size: int = field(default=8, metadata={"help": "Views per fine-tuning step."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Fine-tuning lr (10x the paper's: 1e-5 barely moves a tiny ViT, DESIGN §8)."})
-    probe_seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Probe seeds (the spread the verdicts use)."})
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "Fine-tuning lr (10x the paper's: 1e-5 barely moves a tiny ViT, DESIGN §8)."}
+    )
+    probe_seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2], metadata={"help": "Probe seeds (the spread the verdicts use)."}
+    )
     seg_iterations: int = field(default=300, metadata={"help": "Steps of each segmentation probe."})
     depth_iterations: int = field(default=150, metadata={"help": "Steps of each depth probe (the costlier one)."})
     probe_height: int = field(default=96, metadata={"help": "Image height fed to every source by the probes."})
@@ -104,7 +134,9 @@ def prepare_run_folder(args: DemoArguments, backbone_name: str) -> Path:
         changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
         if changed:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise SystemExit(f"fit3d demo: {out} holds a run with other settings ({listed}); add --fresh or choose another --output_dir")
+            raise SystemExit(
+                f"fit3d demo: {out} holds a run with other settings ({listed}); add --fresh or choose another --output_dir"
+            )
         return out
     out.mkdir(parents=True, exist_ok=True)
     write_json(record, {"settings": settings, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
@@ -172,14 +204,26 @@ def evaluate_run(args: DemoArguments, out: Path) -> dict:
     from fit3d_hf.probes.benchmark import BenchmarkConfig
 
     eval_args = EvaluateArguments(
-        output_dir=str(out / "eval"), model=str(out / "model"), baseline=args.backbone, blur_control=str(out / "control_blur"),
-        controls=True, control_seed=args.seed + 1234, dataset="synthetic", num_train_scenes=args.num_probe_train_scenes,
-        num_test_scenes=args.num_test_scenes, scene_seed=args.probe_scene_seed, scene_views=args.scene_views,
-        scene_height=args.scene_height, scene_width=args.scene_width,
+        output_dir=str(out / "eval"),
+        model=str(out / "model"),
+        baseline=args.backbone,
+        blur_control=str(out / "control_blur"),
+        controls=True,
+        control_seed=args.seed + 1234,
+        dataset="synthetic",
+        num_train_scenes=args.num_probe_train_scenes,
+        num_test_scenes=args.num_test_scenes,
+        scene_seed=args.probe_scene_seed,
+        scene_views=args.scene_views,
+        scene_height=args.scene_height,
+        scene_width=args.scene_width,
     )
     config = BenchmarkConfig.cpu_preset(
-        image_height=args.probe_height, image_width=args.probe_width, seeds=list(args.probe_seeds),
-        seg_iterations=args.seg_iterations, depth_iterations=args.depth_iterations,
+        image_height=args.probe_height,
+        image_width=args.probe_width,
+        seeds=list(args.probe_seeds),
+        seg_iterations=args.seg_iterations,
+        depth_iterations=args.depth_iterations,
     )
     return run(eval_args, config)
 
@@ -216,7 +260,9 @@ def verdicts(results: dict) -> list[str]:
 
 def results_grid(results: dict) -> str:
     """A compact markdown table: one row per source, the headline metrics as mean ± std."""
-    header = "| source | role | " + " | ".join(f"{label} {'↑' if higher else '↓'}" for _, _, label, higher in HEADLINE_METRICS) + " |"
+    header = (
+        "| source | role | " + " | ".join(f"{label} {'↑' if higher else '↓'}" for _, _, label, higher in HEADLINE_METRICS) + " |"
+    )
     lines = [header, "|" + "---|" * (2 + len(HEADLINE_METRICS))]
     for name, source in results["sources"].items():
         cells = []
@@ -244,12 +290,23 @@ def make_pictures(out: Path, test_scene, lift_reports: list[dict], backbone_name
         "FiT3D (concat)": output.feature_maps,
         "fine-tuned alone": output.finetuned_feature_maps,
     }
-    paths = [feature_figure(views, sources, out / "pictures" / "features.png", title=f"unseen room {test_scene.scene_id}; backbone {backbone_name}")]
+    paths = [
+        feature_figure(
+            views,
+            sources,
+            out / "pictures" / "features.png",
+            title=f"unseen room {test_scene.scene_id}; backbone {backbone_name}",
+        )
+    ]
     curves = {}
     for name, folder in (("FiT3D (lifted targets)", "model"), ("control (single-view blurred targets)", "control_blur")):
         info = json.loads((out / folder / "fit3d_finetune.json").read_text())
         curves[name] = info["losses"]
-    paths.append(loss_curves_figure(curves, out / "pictures" / "loss_finetune.png", title=f"Stage II fine-tuning, masked L1 ({backbone_name})"))
+    paths.append(
+        loss_curves_figure(
+            curves, out / "pictures" / "loss_finetune.png", title=f"Stage II fine-tuning, masked L1 ({backbone_name})"
+        )
+    )
     lifting = {r["scene_id"]: r["loss_history"] for r in lift_reports if r.get("loss_history")}
     if lifting:
         title = f"Stage I lifting, total loss (moving average of 10 steps; {backbone_name})"
@@ -285,9 +342,13 @@ def main(argv: list[str] | None = None) -> dict:
     timings["scenes"] = time.perf_counter() - t
 
     t = stage(2, f"lift {args.num_train_scenes} rooms ({args.lift_iterations} steps each, CPU preset)")
-    lift_config = LiftConfig.cpu_preset(iterations=args.lift_iterations, max_gaussians=args.lift_max_gaussians, init_points=args.lift_init_points)
+    lift_config = LiftConfig.cpu_preset(
+        iterations=args.lift_iterations, max_gaussians=args.lift_max_gaussians, init_points=args.lift_init_points
+    )
     loaders = {scene.scene_id: (lambda scene=scene: scene) for scene in scenes}
-    lift_reports = lift_scenes(loaders, backbone, lift_config, output_dir=out / "lifted", seed=args.seed, backbone_name=backbone_name)
+    lift_reports = lift_scenes(
+        loaders, backbone, lift_config, output_dir=out / "lifted", seed=args.seed, backbone_name=backbone_name
+    )
     print(summary_table(lift_reports))
     timings["lift"] = time.perf_counter() - t
 
@@ -296,7 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
         if (out / folder).exists():
             print(f"{out / folder} exists: skipped")
             continue
-        render_targets(scenes, backbone, out / folder, gaussians_dir=out / "lifted", target_source=source, blur_sigma=args.blur_sigma)
+        render_targets(
+            scenes, backbone, out / folder, gaussians_dir=out / "lifted", target_source=source, blur_sigma=args.blur_sigma
+        )
     coverage = target_coverage(out / "targets")
     print(f"lifted targets cover {coverage:.0%} of the patch grid (render alpha >= 0.5)")
     if coverage < 0.05:
@@ -306,7 +369,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     timings["render"] = time.perf_counter() - t
 
-    t = stage(4, f"fine-tune on lifted targets, then on the blurred control ({args.finetune_steps} steps each, lr {args.learning_rate})")
+    t = stage(
+        4, f"fine-tune on lifted targets, then on the blurred control ({args.finetune_steps} steps each, lr {args.learning_rate})"
+    )
     for dataset, folder in (("targets", "model"), ("targets_blur", "control_blur")):
         if (out / folder / "model.safetensors").exists():
             print(f"{out / folder} exists: skipped")
@@ -346,33 +411,41 @@ def main(argv: list[str] | None = None) -> dict:
 
     stage(8, "summary")
     timings["total_this_run"] = time.perf_counter() - started
-    summary = "\n".join([
-        f"# fit3d demo — {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        "",
-        f"Backbone: **{backbone_name}**. Fine-tuned on {args.num_train_scenes} rooms; probes trained on "
-        f"{args.num_probe_train_scenes} other rooms and tested on {args.num_test_scenes} unseen rooms; "
-        f"{len(args.probe_seeds)} probe seeds. Wall time of this run: {timings['total_this_run']:.0f} s "
-        f"({torch.get_num_threads()} threads; stages that were already done are skipped and not counted).",
-        "",
-        results_grid(results),
-        "",
-        "Which comparisons show an effect beyond the seed spread:",
-        "",
-        *verdict_lines,
-        "",
-        "Spread = the larger std of the two sides: over probe seeds, or over test rooms for correspondence (no probe). "
-        f"Each fine-tuning ran once (seed {args.seed}), so its own variance is not in the spread: a difference just above it is weak evidence.",
-        "",
-        "Full tables (all metrics): " + str(out / "eval" / "results.md"),
-    ])
+    summary = "\n".join(
+        [
+            f"# fit3d demo — {time.strftime('%Y-%m-%d %H:%M %Z')}",
+            "",
+            f"Backbone: **{backbone_name}**. Fine-tuned on {args.num_train_scenes} rooms; probes trained on "
+            f"{args.num_probe_train_scenes} other rooms and tested on {args.num_test_scenes} unseen rooms; "
+            f"{len(args.probe_seeds)} probe seeds. Wall time of this run: {timings['total_this_run']:.0f} s "
+            f"({torch.get_num_threads()} threads; stages that were already done are skipped and not counted).",
+            "",
+            results_grid(results),
+            "",
+            "Which comparisons show an effect beyond the seed spread:",
+            "",
+            *verdict_lines,
+            "",
+            "Spread = the larger std of the two sides: over probe seeds, or over test rooms for correspondence (no probe). "
+            f"Each fine-tuning ran once (seed {args.seed}), so its own variance is not in the spread: a difference just above it is weak evidence.",
+            "",
+            "Full tables (all metrics): " + str(out / "eval" / "results.md"),
+        ]
+    )
     (out / "summary.md").write_text(summary + "\n")
     write_json(out / "timings.json", timings)
     print(summary)
     print("\nWritten:")
     for label, path in (
-        ("FiT3DModel (with model card)", out / "model"), ("model card", card), ("blur-target control model", out / "control_blur"),
-        ("lifted Gaussians", out / "lifted"), ("targets datasets", out / "targets"), ("benchmark", out / "eval" / "results.md"),
-        *(("picture", p) for p in pictures), ("summary", out / "summary.md"), ("stage timings", out / "timings.json"),
+        ("FiT3DModel (with model card)", out / "model"),
+        ("model card", card),
+        ("blur-target control model", out / "control_blur"),
+        ("lifted Gaussians", out / "lifted"),
+        ("targets datasets", out / "targets"),
+        ("benchmark", out / "eval" / "results.md"),
+        *(("picture", p) for p in pictures),
+        ("summary", out / "summary.md"),
+        ("stage timings", out / "timings.json"),
     ):
         print(f"  {label:<30} {path}")
     return {"results": results, "timings": timings, "verdicts": verdict_lines}

@@ -36,19 +36,35 @@ Features and finished probe runs are cached in <output_dir>/cache: rerun the sam
 class EvaluateArguments:
     output_dir: str = field(metadata={"help": "Where results.json, results.md and the cache go."})
     model: str = field(metadata={"help": "A FiT3DModel folder (from `fit3d finetune`) or Hub id."})
-    baseline: str | None = field(default=None, metadata={"help": "Baseline backbone, named as for `fit3d lift --backbone` ('embedded', a folder or Hub id); default: the model's original backbone."})
-    blur_control: str | None = field(default=None, metadata={"help": "A FiT3DModel fine-tuned on single-view blurred targets (control ii)."})
+    baseline: str | None = field(
+        default=None,
+        metadata={
+            "help": "Baseline backbone, named as for `fit3d lift --backbone` ('embedded', a folder or Hub id); default: the model's original backbone."
+        },
+    )
+    blur_control: str | None = field(
+        default=None, metadata={"help": "A FiT3DModel fine-tuned on single-view blurred targets (control ii)."}
+    )
     controls: bool = field(default=True, metadata={"help": "Add finetuned_only and concat_random controls."})
     control_seed: int = field(default=1234, metadata={"help": "Seed of the random-init backbone of concat_random."})
-    dataset: str = field(default="synthetic", metadata={"help": "synthetic, scannetpp, scannet, nyuv2, ade20k, voc2012, kitti, or hf."})
+    dataset: str = field(
+        default="synthetic", metadata={"help": "synthetic, scannetpp, scannet, nyuv2, ade20k, voc2012, kitti, or hf."}
+    )
     data_root: str | None = field(default=None, metadata={"help": "Root of a paper dataset in its standard layout."})
     num_train_scenes: int = field(default=6, metadata={"help": "synthetic: rooms the probes train on."})
     num_test_scenes: int = field(default=2, metadata={"help": "synthetic: unseen rooms the probes are tested on."})
-    scene_seed: int = field(default=1000, metadata={"help": "synthetic: seed of the first room (fine-tuning rooms use 0, 1, ...)."})
+    scene_seed: int = field(
+        default=1000, metadata={"help": "synthetic: seed of the first room (fine-tuning rooms use 0, 1, ...)."}
+    )
     scene_views: int = field(default=24, metadata={"help": "synthetic: views per room."})
     scene_height: int = field(default=120, metadata={"help": "synthetic: image height."})
     scene_width: int = field(default=160, metadata={"help": "synthetic: image width."})
-    correspondence_scenes: list[str] = field(default_factory=list, metadata={"help": "Scene folders with depth (`fit3d_hf.scenes.load_scene`) on which to measure correspondence recall too."})
+    correspondence_scenes: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Scene folders with depth (`fit3d_hf.scenes.load_scene`) on which to measure correspondence recall too."
+        },
+    )
     hf_dataset: str | None = field(default=None, metadata={"help": "hf: a folder written by Dataset/DatasetDict.save_to_disk."})
     hf_train_split: str = field(default="train", metadata={"help": "hf: training split."})
     hf_test_split: str = field(default="test", metadata={"help": "hf: test split."})
@@ -123,8 +139,14 @@ def run(args: EvaluateArguments, config: BenchmarkConfig) -> dict:
         if args.hf_dataset is None:
             raise SystemExit("fit3d evaluate: --dataset hf needs --hf_dataset FOLDER")
         data = load_from_disk(args.hf_dataset)
-        columns = dict(image_column=args.image_column, semantics_column=args.semantics_column, depth_column=args.depth_column,
-                       num_labels=args.num_labels, max_depth=args.max_depth, depth_scale=args.depth_scale)
+        columns = dict(
+            image_column=args.image_column,
+            semantics_column=args.semantics_column,
+            depth_column=args.depth_column,
+            num_labels=args.num_labels,
+            max_depth=args.max_depth,
+            depth_scale=args.depth_scale,
+        )
         name = os.path.basename(os.path.normpath(args.hf_dataset))
         train = datasets.from_hf_dataset(data[args.hf_train_split], name=name, **columns)
         test = datasets.from_hf_dataset(data[args.hf_test_split], name=name, **columns)
@@ -132,7 +154,9 @@ def run(args: EvaluateArguments, config: BenchmarkConfig) -> dict:
     else:
         if args.data_root is None:
             raise SystemExit(f"fit3d evaluate: --dataset {args.dataset} needs --data_root")
-        tasks = [t for t in ("segmentation", "depth") if t in config.tasks and t in datasets.PAPER_DATASETS.get(args.dataset, {t: 0})]
+        tasks = [
+            t for t in ("segmentation", "depth") if t in config.tasks and t in datasets.PAPER_DATASETS.get(args.dataset, {t: 0})
+        ]
         results = None
         for task in tasks:
             train = datasets.load_eval_dataset(args.dataset, args.data_root, "train", task)

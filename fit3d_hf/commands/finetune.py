@@ -28,11 +28,14 @@ class FinetuneArguments:
     output_dir: str = field(metadata={"help": "Where the FiT3DModel folder and checkpoints go."})
     backbone: str = field(
         default="embedded",
-        metadata={"help": "The backbone the targets were rendered for (as for `fit3d lift`: 'embedded', 'tiny:<family>', "
-                  "'random:<preset>' (seeded by --seed) or a transformers model folder / Hub id)."},
+        metadata={
+            "help": "The backbone the targets were rendered for (as for `fit3d lift`: 'embedded', 'tiny:<family>', "
+            "'random:<preset>' (seeded by --seed) or a transformers model folder / Hub id)."
+        },
     )
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "A checkpoint folder, or 'latest' (the newest in <output_dir>/checkpoints; fresh start if none)."}
+        default=None,
+        metadata={"help": "A checkpoint folder, or 'latest' (the newest in <output_dir>/checkpoints; fresh start if none)."},
     )
     push_to_hub: str | None = field(default=None, metadata={"help": "Upload the final model folder to this Hub repo."})
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
@@ -76,7 +79,9 @@ def main(argv: list[str] | None = None):
     }
     if "/" in args.backbone and not os.path.exists(args.backbone):
         card_extra["base_model"] = args.backbone
-    save_finetuned(result.model, args.output_dir, image_size=tuple(image.shape[-2:]), training_info=training_info, card_extra=card_extra)
+    save_finetuned(
+        result.model, args.output_dir, image_size=tuple(image.shape[-2:]), training_info=training_info, card_extra=card_extra
+    )
     print(f"saved the FiT3DModel to {args.output_dir}")
     if args.push_to_hub:
         print(hub.push_to_hub(args.output_dir, args.push_to_hub, private=args.private))

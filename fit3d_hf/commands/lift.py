@@ -45,7 +45,9 @@ def summary_table(reports: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, config, scene_args = parse_args((LiftArguments, LiftConfig, SceneArguments), argv, prog="fit3d lift", description=__doc__)
+    args, config, scene_args = parse_args(
+        (LiftArguments, LiftConfig, SceneArguments), argv, prog="fit3d lift", description=__doc__
+    )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     loaders = scene_loaders(scene_args)

@@ -25,10 +25,16 @@ class PushArguments:
 
 
 def main(argv: list[str] | None = None):
-    args, = parse_args((PushArguments,), argv, prog="fit3d push", description=DESCRIPTION)
+    (args,) = parse_args((PushArguments,), argv, prog="fit3d push", description=DESCRIPTION)
     from fit3d_hf.hub import push_to_hub
 
-    url = push_to_hub(args.folder, args.repo_id, repo_type=args.repo_type, private=args.private, token=args.token,
-                      commit_message=args.commit_message)
+    url = push_to_hub(
+        args.folder,
+        args.repo_id,
+        repo_type=args.repo_type,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+    )
     print(f"uploaded {args.folder} to {args.repo_id}: {url}")
     return url

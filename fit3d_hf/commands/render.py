@@ -27,7 +27,9 @@ class RenderArguments:
     """How to render (scenes and backbone: `SceneArguments`, the same options as `fit3d lift`)."""
 
     output_dir: str = field(metadata={"help": "Dataset folder to create (must not exist)."})
-    gaussians_dir: str | None = field(default=None, metadata={"help": "The --output_dir of `fit3d lift` (<scene_id>.safetensors)."})
+    gaussians_dir: str | None = field(
+        default=None, metadata={"help": "The --output_dir of `fit3d lift` (<scene_id>.safetensors)."}
+    )
     target_source: Literal["lifted", "single_view_blur"] = field(
         default="lifted", metadata={"help": "'lifted' (FiT3D targets) or 'single_view_blur' (the control: no Gaussians)."}
     )

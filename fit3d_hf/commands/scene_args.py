@@ -11,7 +11,9 @@ class SceneArguments:
     """Which scenes (folders and/or procedural rooms) and which backbone."""
 
     scenes: list[str] = field(default_factory=list, metadata={"help": "Scene folders (see `fit3d_hf.scenes.load_scene`)."})
-    synthetic_rooms: int = field(default=0, metadata={"help": "Also use this many procedural rooms (seeds synthetic_seed, +1, ...)."})
+    synthetic_rooms: int = field(
+        default=0, metadata={"help": "Also use this many procedural rooms (seeds synthetic_seed, +1, ...)."}
+    )
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the first procedural room."})
     synthetic_views: int = field(default=24, metadata={"help": "Views per procedural room (every 8th is held out)."})
     synthetic_height: int = field(default=120, metadata={"help": "Image height of the procedural rooms."})
@@ -25,7 +27,9 @@ class SceneArguments:
             "'random:<preset>' (randomly initialised, seeded by --seed), or a local transformers model folder."
         },
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the lifting and of a random backbone (use one value for every stage)."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the lifting and of a random backbone (use one value for every stage)."}
+    )
 
 
 def build_named_backbone(name: str, seed: int) -> tuple[torch.nn.Module, str]:

@@ -8,6 +8,14 @@ from .datasets import EvalDataset, from_hf_dataset, from_scenes, load_eval_datas
 from .metrics import DepthMetrics, MeanIoU
 
 __all__ = [
-    "BenchmarkConfig", "DepthMetrics", "EvalDataset", "MeanIoU", "benchmark_on_scenes", "from_hf_dataset",
-    "from_scenes", "load_eval_dataset", "run_benchmark", "write_report",
+    "BenchmarkConfig",
+    "DepthMetrics",
+    "EvalDataset",
+    "MeanIoU",
+    "benchmark_on_scenes",
+    "from_hf_dataset",
+    "from_scenes",
+    "load_eval_dataset",
+    "run_benchmark",
+    "write_report",
 ]

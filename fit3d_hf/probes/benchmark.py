@@ -25,6 +25,7 @@ once (frozen, eval mode) and reused by each probe seed; with `cache_dir` they ar
 disk together with finished probe runs, so an interrupted benchmark resumes.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -62,9 +63,13 @@ class BenchmarkConfig:
     """Protocol of the probe benchmark. Defaults are the paper's (DINOv2 linear probes, as in
     FiT3D's evaluation configs); `cpu_preset()` is the synthetic-room benchmark in minutes."""
 
-    image_height: int = _arg("Height fed to every source, rounded down to a multiple of its patch size (labels keep their own size).", 448)
+    image_height: int = _arg(
+        "Height fed to every source, rounded down to a multiple of its patch size (labels keep their own size).", 448
+    )
     image_width: int = _arg("Width fed to every source, rounded down likewise.", 448)
-    tasks: list[str] = _arg("Any of segmentation, depth, correspondence.", factory=lambda: ["segmentation", "depth", "correspondence"])
+    tasks: list[str] = _arg(
+        "Any of segmentation, depth, correspondence.", factory=lambda: ["segmentation", "depth", "correspondence"]
+    )
     seeds: list[int] = _arg("Probe seeds; results report their mean and std.", factory=lambda: [0, 1, 2])
     seg_iterations: int = _arg("Segmentation probe: optimizer steps.", 40000)
     seg_batch_size: int = _arg("Segmentation probe: images per step and process.", 16)
@@ -76,19 +81,34 @@ class BenchmarkConfig:
     depth_lr: float = _arg("Depth probe: AdamW lr (cosine schedule).", 1e-4)
     depth_weight_decay: float = _arg("Depth probe: AdamW weight decay.", 1e-2)
     depth_warmup_iterations: int = _arg("Depth probe: linear warm-up steps (from 1e-3 lr).", 12800)
-    depth_sig_warmup_iterations: int = _arg("Depth probe: steps during which SigLoss keeps only its mean term (mmdepth warm-up).", 100)
+    depth_sig_warmup_iterations: int = _arg(
+        "Depth probe: steps during which SigLoss keeps only its mean term (mmdepth warm-up).", 100
+    )
     feature_batch_size: int = _arg("Images per forward pass when extracting features.", 8)
-    correspondence_thresholds_px: list[float] = _arg("Pixel radii of the correspondence recall.", factory=lambda: [4.0, 8.0, 16.0])
-    correspondence_pair_offsets: list[int] = _arg("View pairs (i, i + k) per test scene for the correspondence metric.", factory=lambda: [1, 2])
-    cache_dir: str | None = _arg("Keep extracted features and finished probe runs here, to resume (default: <output_dir>/cache).", None)
+    correspondence_thresholds_px: list[float] = _arg(
+        "Pixel radii of the correspondence recall.", factory=lambda: [4.0, 8.0, 16.0]
+    )
+    correspondence_pair_offsets: list[int] = _arg(
+        "View pairs (i, i + k) per test scene for the correspondence metric.", factory=lambda: [1, 2]
+    )
+    cache_dir: str | None = _arg(
+        "Keep extracted features and finished probe runs here, to resume (default: <output_dir>/cache).", None
+    )
     progress: bool = _arg("Show progress bars.", True)
 
     @classmethod
     def cpu_preset(cls, **overrides) -> "BenchmarkConfig":
         """Synthetic-room benchmark on a CPU in minutes: 120×160 rooms fed at 96×128."""
         values = dict(
-            image_height=96, image_width=128, seg_iterations=300, seg_batch_size=8, seg_warmup_iterations=20,
-            depth_iterations=200, depth_batch_size=4, depth_warmup_iterations=20, depth_sig_warmup_iterations=10,
+            image_height=96,
+            image_width=128,
+            seg_iterations=300,
+            seg_batch_size=8,
+            seg_warmup_iterations=20,
+            depth_iterations=200,
+            depth_batch_size=4,
+            depth_warmup_iterations=20,
+            depth_sig_warmup_iterations=10,
             correspondence_thresholds_px=[8.0, 16.0, 32.0],
         )
         values.update(overrides)
@@ -96,11 +116,27 @@ class BenchmarkConfig:
 
     def probe_config(self, task: str) -> ProbeConfig:
         if task == "segmentation":
-            return ProbeConfig("segmentation", self.seg_iterations, self.seg_batch_size, self.seg_lr, self.seg_weight_decay,
-                               "poly", self.seg_warmup_iterations, warmup_ratio=1e-6)
-        return ProbeConfig("depth", self.depth_iterations, self.depth_batch_size, self.depth_lr, self.depth_weight_decay,
-                           "cosine", self.depth_warmup_iterations, warmup_ratio=1e-3,
-                           sig_warmup_iterations=self.depth_sig_warmup_iterations)
+            return ProbeConfig(
+                "segmentation",
+                self.seg_iterations,
+                self.seg_batch_size,
+                self.seg_lr,
+                self.seg_weight_decay,
+                "poly",
+                self.seg_warmup_iterations,
+                warmup_ratio=1e-6,
+            )
+        return ProbeConfig(
+            "depth",
+            self.depth_iterations,
+            self.depth_batch_size,
+            self.depth_lr,
+            self.depth_weight_decay,
+            "cosine",
+            self.depth_warmup_iterations,
+            warmup_ratio=1e-3,
+            sig_warmup_iterations=self.depth_sig_warmup_iterations,
+        )
 
 
 def _models(source: FeatureSource) -> list[PreTrainedModel]:
@@ -122,16 +158,22 @@ def describe_source(source: FeatureSource, config: BenchmarkConfig) -> dict:
     models = []
     for model in _models(source):
         mean, std = backbones.image_mean_std(model.config)
-        models.append({
-            "class": type(model).__name__,
-            "family": backbones.family_of(model.config),
-            "assembly": getattr(model.config, "assembly", None),
-            "hidden_size": backbones.hidden_size_of(model.config),
-            "patch_size": backbones.patch_size_of(model.config),
-            "normalisation": {"mean": list(mean), "std": list(std)},
-            "name_or_path": getattr(model.config, "_name_or_path", "") or None,
-        })
-    return {"models": models, "combination": "concat" if len(models) > 1 else "single", "input_size": list(input_size(source, config))}
+        models.append(
+            {
+                "class": type(model).__name__,
+                "family": backbones.family_of(model.config),
+                "assembly": getattr(model.config, "assembly", None),
+                "hidden_size": backbones.hidden_size_of(model.config),
+                "patch_size": backbones.patch_size_of(model.config),
+                "normalisation": {"mean": list(mean), "std": list(std)},
+                "name_or_path": getattr(model.config, "_name_or_path", "") or None,
+            }
+        )
+    return {
+        "models": models,
+        "combination": "concat" if len(models) > 1 else "single",
+        "input_size": list(input_size(source, config)),
+    }
 
 
 def _weights_checksum(source: FeatureSource) -> str:
@@ -150,8 +192,15 @@ def _cache_key(*parts) -> str:
 
 
 @torch.no_grad()
-def extract_source_features(source: FeatureSource, images, size: tuple[int, int], *, batch_size: int = 8,
-                            device: torch.device | str = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
+def extract_source_features(
+    source: FeatureSource,
+    images,
+    size: tuple[int, int],
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
     """Frozen features of one source for a sequence of images.
 
     images: `[N, 3, H, W]` or anything indexable giving `[3, H_i, W_i]` in [0, 1] (sizes may
@@ -167,10 +216,14 @@ def extract_source_features(source: FeatureSource, images, size: tuple[int, int]
     for model in models:
         model.eval().to(device)
     for start in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
-        batch = torch.cat([
-            F.interpolate(images[i][None].to(device, torch.float32), size=size, mode="bilinear", align_corners=False, antialias=True)
-            for i in range(start, min(start + batch_size, len(images)))
-        ]).clamp(0, 1)
+        batch = torch.cat(
+            [
+                F.interpolate(
+                    images[i][None].to(device, torch.float32), size=size, mode="bilinear", align_corners=False, antialias=True
+                )
+                for i in range(start, min(start + batch_size, len(images)))
+            ]
+        ).clamp(0, 1)
         outputs = [backbones.extract_features(model, backbones.normalize(batch, model.config)) for model in models]
         for key in keys:
             chunks[key].append(torch.cat([getattr(o, key) for o in outputs], dim=1).half().cpu())
@@ -277,26 +330,51 @@ def run_benchmark(
                 break
             key = _cache_key(weights, data.name, len(data), size)
             path = cache / "features" / f"{name}-{split}-{key}.safetensors" if cache else None
-            features[split] = _cached(path, lambda: extract_source_features(
-                source, _Images(data), size, batch_size=config.feature_batch_size, device=accelerator.device, progress=show))
+            features[split] = _cached(
+                path,
+                functools.partial(
+                    extract_source_features,
+                    source,
+                    _Images(data),
+                    size,
+                    batch_size=config.feature_batch_size,
+                    device=accelerator.device,
+                    progress=show,
+                ),
+            )
         all_targets = training_targets(train_data, probe_tasks, size) if probe_tasks else {}
         for task in probe_tasks:
             targets = all_targets[task].long() if task == "segmentation" else all_targets[task]
-            feature_key, cls_key = ("feature_maps", None) if task == "segmentation" else ("unnormed_feature_maps", "unnormed_cls_token")
+            feature_key, cls_key = (
+                ("feature_maps", None) if task == "segmentation" else ("unnormed_feature_maps", "unnormed_cls_token")
+            )
             per_seed: dict[str, list[float]] = {}
-            run_key = _cache_key(weights, train_data.name, len(train_data), test_data.name, len(test_data), size,
-                                 asdict(config.probe_config(task)))
+            run_key = _cache_key(
+                weights, train_data.name, len(train_data), test_data.name, len(test_data), size, asdict(config.probe_config(task))
+            )
             for seed in config.seeds:
                 run_path = cache / "runs" / f"{name}-{task}-{seed}-{run_key}.json" if cache else None
                 if run_path is not None and run_path.is_file():
                     scores = json.loads(run_path.read_text())
                 else:
                     torch.manual_seed(seed)
-                    head = build_head(task, features["train"][feature_key].shape[1], num_labels=train_data.num_labels,
-                                      max_depth=train_data.max_depth, min_depth=train_data.min_depth).to(accelerator.device)
-                    head = train_probe(head, features["train"][feature_key], targets, config.probe_config(task),
-                                       cls_token=None if cls_key is None else features["train"][cls_key], seed=seed,
-                                       accelerator=accelerator, progress=show)
+                    head = build_head(
+                        task,
+                        features["train"][feature_key].shape[1],
+                        num_labels=train_data.num_labels,
+                        max_depth=train_data.max_depth,
+                        min_depth=train_data.min_depth,
+                    ).to(accelerator.device)
+                    head = train_probe(
+                        head,
+                        features["train"][feature_key],
+                        targets,
+                        config.probe_config(task),
+                        cls_token=None if cls_key is None else features["train"][cls_key],
+                        seed=seed,
+                        accelerator=accelerator,
+                        progress=show,
+                    )
                     scores = _score(head, task, features["test"], feature_key, cls_key, test_data)
                     if run_path is not None and accelerator.is_main_process:
                         run_path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,8 +383,19 @@ def run_benchmark(
                     per_seed.setdefault(metric, []).append(value)
             for metric, values in per_seed.items():
                 mean, std = _summary(values)
-                rows.append(dict(dataset=test_data.name, split="test", task=task, metric=metric, source=name, values=values,
-                                 mean=mean, std=std, higher_is_better=task == "segmentation" or DEPTH_HIGHER_IS_BETTER.get(metric, False)))
+                rows.append(
+                    dict(
+                        dataset=test_data.name,
+                        split="test",
+                        task=task,
+                        metric=metric,
+                        source=name,
+                        values=values,
+                        mean=mean,
+                        std=std,
+                        higher_is_better=task == "segmentation" or DEPTH_HIGHER_IS_BETTER.get(metric, False),
+                    )
+                )
         if "correspondence" in config.tasks and correspondence_scenes:
             rows += _correspondence_rows(name, source, size, correspondence_scenes, config, accelerator, test_data.name)
 
@@ -314,13 +403,23 @@ def run_benchmark(
         "package_version": __version__,
         "image_size": [config.image_height, config.image_width],
         "train_dataset": {"name": train_data.name, "images": len(train_data)},
-        "test_dataset": {"name": test_data.name, "images": len(test_data), "max_depth": test_data.max_depth,
-                         "num_labels": test_data.num_labels, "eval_crop": test_data.eval_crop},
+        "test_dataset": {
+            "name": test_data.name,
+            "images": len(test_data),
+            "max_depth": test_data.max_depth,
+            "num_labels": test_data.num_labels,
+            "eval_crop": test_data.eval_crop,
+        },
         "seeds": list(config.seeds),
-        "segmentation_probe": asdict(config.probe_config("segmentation")) | {"head": "BatchNorm + 1x1 conv on normed last-layer patch features; CE ignore 255"},
-        "depth_probe": asdict(config.probe_config("depth")) | {"head": "unnormed last-layer patches + CLS, x4 upsample, 1x1 conv to 256 bins; SigLoss + 0.5 gradient loss"},
-        "correspondence": {"thresholds_px": list(config.correspondence_thresholds_px), "pair_offsets": list(config.correspondence_pair_offsets),
-                           "scenes": [s.scene_id for s in correspondence_scenes or []]},
+        "segmentation_probe": asdict(config.probe_config("segmentation"))
+        | {"head": "BatchNorm + 1x1 conv on normed last-layer patch features; CE ignore 255"},
+        "depth_probe": asdict(config.probe_config("depth"))
+        | {"head": "unnormed last-layer patches + CLS, x4 upsample, 1x1 conv to 256 bins; SigLoss + 0.5 gradient loss"},
+        "correspondence": {
+            "thresholds_px": list(config.correspondence_thresholds_px),
+            "pair_offsets": list(config.correspondence_pair_offsets),
+            "scenes": [s.scene_id for s in correspondence_scenes or []],
+        },
         "tasks": list(config.tasks),
         "features": "extracted once per image, frozen, no augmentation",
         "device": str(accelerator.device),
@@ -329,7 +428,14 @@ def run_benchmark(
     return {
         "fit3d_hf_version": __version__,
         "protocol": protocol,
-        "sources": {name: {"role": roles[name], "description": (descriptions or {}).get(name, ""), **describe_source(sources[name], config)} for name in names},
+        "sources": {
+            name: {
+                "role": roles[name],
+                "description": (descriptions or {}).get(name, ""),
+                **describe_source(sources[name], config),
+            }
+            for name in names
+        },
         "results": rows,
     }
 
@@ -357,21 +463,44 @@ def _correspondence_rows(name, source, size, scenes, config, accelerator, datase
     for scene in scenes:
         if scene.depth_m is None:
             raise ValueError(f"scene {scene.scene_id} has no depth_m: the correspondence metric needs depth and cameras")
-        feats = extract_source_features(source, scene.images(), size, batch_size=config.feature_batch_size, device=accelerator.device)
+        feats = extract_source_features(
+            source, scene.images(), size, batch_size=config.feature_batch_size, device=accelerator.device
+        )
         pairs = view_pairs(scene.num_views, config.correspondence_pair_offsets)
-        scores = correspondence_recall(feats["feature_maps"], scene.depth_m, scene.intrinsics, scene.world_to_camera, pairs, config.correspondence_thresholds_px)
+        scores = correspondence_recall(
+            feats["feature_maps"],
+            scene.depth_m,
+            scene.intrinsics,
+            scene.world_to_camera,
+            pairs,
+            config.correspondence_thresholds_px,
+        )
         scores.pop("num_correspondences")
         for metric, value in scores.items():
             per_scene.setdefault(metric, []).append(value)
     rows = []
     for metric, values in per_scene.items():
         mean, std = _summary(values)
-        rows.append(dict(dataset=dataset_name, split="test", task="correspondence", metric=metric, source=name, values=values,
-                         mean=mean, std=std, higher_is_better=True, spread="over test scenes (deterministic: no probe)"))
+        rows.append(
+            dict(
+                dataset=dataset_name,
+                split="test",
+                task="correspondence",
+                metric=metric,
+                source=name,
+                values=values,
+                mean=mean,
+                std=std,
+                higher_is_better=True,
+                spread="over test scenes (deterministic: no probe)",
+            )
+        )
     return rows
 
 
-def benchmark_on_scenes(sources: dict[str, FeatureSource], train_scenes: list, test_scenes: list, config: BenchmarkConfig, **kwargs) -> dict:
+def benchmark_on_scenes(
+    sources: dict[str, FeatureSource], train_scenes: list, test_scenes: list, config: BenchmarkConfig, **kwargs
+) -> dict:
     """`run_benchmark` on posed scenes (e.g. `scenes.synthetic.make_rooms`): probes train on
     every view of `train_scenes` and are tested on every view of the unseen `test_scenes`,
     where the correspondence metric is measured too. kwargs go to `run_benchmark`."""
@@ -404,7 +533,11 @@ def write_report(results: dict, output_dir: str | os.PathLike) -> tuple[Path, Pa
         "",
     ]
     for name, source in results["sources"].items():
-        models = " + ".join(f"{m['family']}{'/' + m['assembly'] if m['assembly'] else ''} (width {m['hidden_size']})" for m in source["models"])
-        lines.append(f"- **{name}** ({source['role']}): {source['description'] or models}; input {source['input_size'][0]}×{source['input_size'][1]}")
+        models = " + ".join(
+            f"{m['family']}{'/' + m['assembly'] if m['assembly'] else ''} (width {m['hidden_size']})" for m in source["models"]
+        )
+        lines.append(
+            f"- **{name}** ({source['role']}): {source['description'] or models}; input {source['input_size'][0]}×{source['input_size'][1]}"
+        )
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return json_path, md_path

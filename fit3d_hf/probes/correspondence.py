@@ -69,7 +69,9 @@ def ground_truth_correspondences(
     return index_a, xy[index_a].float()
 
 
-def match_errors(features_a: torch.Tensor, features_b: torch.Tensor, index_a: torch.Tensor, xy_b: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def match_errors(
+    features_a: torch.Tensor, features_b: torch.Tensor, index_a: torch.Tensor, xy_b: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """Pixel distance `[M]` between each A patch's nearest-neighbour patch in B and its true
     location xy_b `[M, 2]`; features `[C, h, w]` of both views (cosine similarity)."""
     c, h, w = features_b.shape

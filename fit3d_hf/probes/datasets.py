@@ -131,7 +131,16 @@ def _find_image(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def mmseg_segmentation(root: str | os.PathLike, img_dir: str, ann_dir: str, *, name: str, num_labels: int, reduce_zero_label: bool, stems: list[str] | None = None) -> EvalDataset:
+def mmseg_segmentation(
+    root: str | os.PathLike,
+    img_dir: str,
+    ann_dir: str,
+    *,
+    name: str,
+    num_labels: int,
+    reduce_zero_label: bool,
+    stems: list[str] | None = None,
+) -> EvalDataset:
     """Images in `root/img_dir`, PNG labels of the same stem in `root/ann_dir` (mmseg layout).
 
     Every label needs its image (a missing one is an error naming it); `stems` restricts the
@@ -155,7 +164,9 @@ def mmseg_segmentation(root: str | os.PathLike, img_dir: str, ann_dir: str, *, n
     return EvalDataset(name, items, num_labels=num_labels, reduce_zero_label=reduce_zero_label)
 
 
-def split_file_depth(root: str | os.PathLike, split_file: str, *, name: str, depth_scale: float, max_depth: float, eval_crop: str | None = None) -> EvalDataset:
+def split_file_depth(
+    root: str | os.PathLike, split_file: str, *, name: str, depth_scale: float, max_depth: float, eval_crop: str | None = None
+) -> EvalDataset:
     """Depth set listed in `root/split_file`, one "rgb_path depth_path [focal]" line per image,
     paths relative to root (a leading slash is dropped); lines whose depth is "None" are
     skipped, as in the depth toolbox (KITTI's Eigen split has some)."""
@@ -186,7 +197,11 @@ _MMSEG_SPLITS = {"train": ("images/training", "annotations/training"), "test": (
 PAPER_DATASETS: dict[str, dict[str, dict]] = {
     "scannetpp": {
         "segmentation": {"num_labels": 100, "reduce_zero_label": True},
-        "depth": {"files": {"train": "scannetpp_train.txt", "test": "scannetpp_val.txt"}, "depth_scale": 1000.0, "max_depth": 20.0},
+        "depth": {
+            "files": {"train": "scannetpp_train.txt", "test": "scannetpp_val.txt"},
+            "depth_scale": 1000.0,
+            "max_depth": 20.0,
+        },
     },
     "scannet": {
         "segmentation": {"num_labels": 20, "reduce_zero_label": True},
@@ -194,12 +209,22 @@ PAPER_DATASETS: dict[str, dict[str, dict]] = {
     },
     "nyuv2": {
         "segmentation": {"num_labels": 13, "reduce_zero_label": True},
-        "depth": {"files": {"train": "nyu_train.txt", "test": "nyu_test.txt"}, "depth_scale": 1000.0, "max_depth": 10.0, "eval_crop": "eigen"},
+        "depth": {
+            "files": {"train": "nyu_train.txt", "test": "nyu_test.txt"},
+            "depth_scale": 1000.0,
+            "max_depth": 10.0,
+            "eval_crop": "eigen",
+        },
     },
     "ade20k": {"segmentation": {"num_labels": 150, "reduce_zero_label": True}},
     "voc2012": {"segmentation": {"num_labels": 21, "reduce_zero_label": False}},
     "kitti": {
-        "depth": {"files": {"train": "kitti_eigen_train.txt", "test": "kitti_eigen_test.txt"}, "depth_scale": 256.0, "max_depth": 80.0, "eval_crop": "garg"},
+        "depth": {
+            "files": {"train": "kitti_eigen_train.txt", "test": "kitti_eigen_test.txt"},
+            "depth_scale": 256.0,
+            "max_depth": 80.0,
+            "eval_crop": "garg",
+        },
     },
 }
 
@@ -254,8 +279,15 @@ def from_hf_dataset(
         if depth_column is not None:
             item["depth"] = row[depth_column]
         items.append(item)
-    return EvalDataset(name, items, num_labels=num_labels, max_depth=max_depth, depth_scale=depth_scale,
-                       reduce_zero_label=reduce_zero_label, eval_crop=eval_crop)
+    return EvalDataset(
+        name,
+        items,
+        num_labels=num_labels,
+        max_depth=max_depth,
+        depth_scale=depth_scale,
+        reduce_zero_label=reduce_zero_label,
+        eval_crop=eval_crop,
+    )
 
 
 def from_scenes(scenes: list, *, views: str = "all", name: str = "synthetic", max_depth: float | None = None) -> EvalDataset:
@@ -275,7 +307,11 @@ def from_scenes(scenes: list, *, views: str = "all", name: str = "synthetic", ma
             item = {"image": scene.image(i), "name": scene.view_names[i]}
             if scene.semantics is not None:
                 item["semantics"] = scene.semantics[i]
-                num_labels = len(scene.class_names) if scene.class_names else max(num_labels or 0, int(scene.semantics[i][scene.semantics[i] != 255].max()) + 1)
+                num_labels = (
+                    len(scene.class_names)
+                    if scene.class_names
+                    else max(num_labels or 0, int(scene.semantics[i][scene.semantics[i] != 255].max()) + 1)
+                )
             if scene.depth_m is not None:
                 item["depth"] = scene.depth_m[i]
                 deepest = max(deepest, float(scene.depth_m[i].max()))

@@ -93,7 +93,9 @@ class DepthProbe(nn.Module):
         return DepthProbeOutput(depth=depth.clamp(self.min_depth, self.max_depth), bin_weights=weights)
 
 
-def sig_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, lam: float = 0.15, warm_up: bool = False, eps: float = 1e-3) -> torch.Tensor:
+def sig_loss(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, lam: float = 0.15, warm_up: bool = False, eps: float = 1e-3
+) -> torch.Tensor:
     """Scale-invariant log loss `sqrt(var(g) + λ·mean(g)²)`, g = log(pred+eps) − log(target+eps),
     over valid pixels of `[B, 1, H, W]` maps; during warm-up only `sqrt(λ·mean(g)²)` (as mmdepth)."""
     g = torch.log(pred[valid] + eps) - torch.log(target[valid] + eps)
@@ -104,7 +106,9 @@ def sig_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, lam:
     return torch.sqrt(g.var() + lam * g.mean() ** 2)
 
 
-def gradient_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, eps: float = 1e-3, scales: int = 4) -> torch.Tensor:
+def gradient_loss(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, eps: float = 1e-3, scales: int = 4
+) -> torch.Tensor:
     """Multi-scale gradient matching of log depth over `[B, 1, H, W]` maps (mmdepth's
     GradientLoss at strides 1, 2, 4, 6, with 2-pixel differences). The original slices the
     first two dims of a 4D tensor (batch, channel); here the strides apply to H and W."""
@@ -122,7 +126,9 @@ def gradient_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     return total
 
 
-def depth_loss(pred: torch.Tensor, target: torch.Tensor, max_depth: float, min_depth: float = 1e-3, warm_up: bool = False) -> torch.Tensor:
+def depth_loss(
+    pred: torch.Tensor, target: torch.Tensor, max_depth: float, min_depth: float = 1e-3, warm_up: bool = False
+) -> torch.Tensor:
     """SigLoss (λ 0.15) + 0.5 · gradient loss; pred, target `[B, 1, H, W]` metres, valid where
     min_depth < target <= max_depth."""
     valid = (target > min_depth) & (target <= max_depth)

@@ -54,7 +54,9 @@ def _batched(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def segmentation_areas(predictions: torch.Tensor, references: torch.Tensor, num_labels: int, ignore_index: int = 255) -> torch.Tensor:
+def segmentation_areas(
+    predictions: torch.Tensor, references: torch.Tensor, num_labels: int, ignore_index: int = 255
+) -> torch.Tensor:
     """Per-image areas `[B, 4, K]`: intersection, union, predicted, labelled pixels per class.
 
     predictions, references: `[B, H, W]` (or `[H, W]`) integer class maps; pixels whose
@@ -67,7 +69,9 @@ def segmentation_areas(predictions: torch.Tensor, references: torch.Tensor, num_
     valid = ref != ignore_index
     bad = valid & ((ref < 0) | (ref >= num_labels))
     if bad.any():
-        raise ValueError(f"references hold labels outside [0, {num_labels}) other than ignore_index={ignore_index}: {ref[bad].unique()[:10].tolist()}")
+        raise ValueError(
+            f"references hold labels outside [0, {num_labels}) other than ignore_index={ignore_index}: {ref[bad].unique()[:10].tolist()}"
+        )
     areas = torch.zeros(pred.shape[0], 4, num_labels, dtype=torch.long)
     for i in range(pred.shape[0]):
         p, r = pred[i][valid[i]], ref[i][valid[i]]
@@ -80,7 +84,9 @@ def segmentation_areas(predictions: torch.Tensor, references: torch.Tensor, num_
     return areas
 
 
-def depth_errors(predictions: torch.Tensor, references: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 10.0) -> torch.Tensor:
+def depth_errors(
+    predictions: torch.Tensor, references: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 10.0
+) -> torch.Tensor:
     """Per-image depth metrics `[B, 9]` in the order of `DEPTH_KEYS` (NaN for an image with
     no valid pixel).
 
@@ -140,9 +146,7 @@ class MeanIoU(evaluate.Metric):
             description="Mean IoU / mean accuracy / overall accuracy over a set of segmentation maps (mmseg protocol).",
             citation=_CITATION,
             inputs_description="predictions, references: [B, H, W] integer class maps; 255 = ignore.",
-            features=datasets.Features(
-                {"intersect": areas, "union": areas, "area_pred": areas, "area_label": areas}
-            ),
+            features=datasets.Features({"intersect": areas, "union": areas, "area_pred": areas, "area_label": areas}),
         )
 
     def add_batch(self, *, predictions=None, references=None):

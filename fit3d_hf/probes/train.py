@@ -54,7 +54,9 @@ class ProbeConfig:
         raise ValueError(f"unknown schedule {self.schedule!r} (poly or cosine)")
 
 
-def build_head(task: str, in_channels: int, *, num_labels: int | None = None, max_depth: float | None = None, min_depth: float = 1e-3) -> nn.Module:
+def build_head(
+    task: str, in_channels: int, *, num_labels: int | None = None, max_depth: float | None = None, min_depth: float = 1e-3
+) -> nn.Module:
     """A fresh `SegmentationProbe` (needs num_labels) or `DepthProbe` (needs max_depth)."""
     if task == "segmentation":
         if num_labels is None:
@@ -107,7 +109,12 @@ def train_probe(
     size = tuple(targets.shape[-2:])
     max_depth = getattr(accelerator.unwrap_model(head), "max_depth", None)
     head.train()
-    bar = tqdm(range(config.iterations), desc=f"{config.task} probe seed {seed}", disable=not (progress and accelerator.is_main_process), leave=False)
+    bar = tqdm(
+        range(config.iterations),
+        desc=f"{config.task} probe seed {seed}",
+        disable=not (progress and accelerator.is_main_process),
+        leave=False,
+    )
     for step in bar:
         index = torch.randint(features.shape[0], (config.batch_size,), generator=generator)
         x = features[index].to(accelerator.device, torch.float32)
@@ -129,7 +136,9 @@ def train_probe(
 
 
 @torch.no_grad()
-def predict(head: nn.Module, features: torch.Tensor, size: tuple[int, int], *, cls_token: torch.Tensor | None = None) -> torch.Tensor:
+def predict(
+    head: nn.Module, features: torch.Tensor, size: tuple[int, int], *, cls_token: torch.Tensor | None = None
+) -> torch.Tensor:
     """Predictions `[N, H, W]` at the label size (H, W): class ids (segmentation) or depth in
     metres (depth); features `[N, C, h, w]`, cls_token `[N, C]` (depth only)."""
     head.eval()

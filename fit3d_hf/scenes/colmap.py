@@ -20,9 +20,17 @@ from fit3d_hf.scenes.scene import Scene
 
 # model id → (name, number of params), as in COLMAP's src/colmap/sensor/models.h
 CAMERA_MODELS = {
-    0: ("SIMPLE_PINHOLE", 3), 1: ("PINHOLE", 4), 2: ("SIMPLE_RADIAL", 4), 3: ("RADIAL", 5), 4: ("OPENCV", 8),
-    5: ("OPENCV_FISHEYE", 8), 6: ("FULL_OPENCV", 12), 7: ("FOV", 5), 8: ("SIMPLE_RADIAL_FISHEYE", 4),
-    9: ("RADIAL_FISHEYE", 5), 10: ("THIN_PRISM_FISHEYE", 12),
+    0: ("SIMPLE_PINHOLE", 3),
+    1: ("PINHOLE", 4),
+    2: ("SIMPLE_RADIAL", 4),
+    3: ("RADIAL", 5),
+    4: ("OPENCV", 8),
+    5: ("OPENCV_FISHEYE", 8),
+    6: ("FULL_OPENCV", 12),
+    7: ("FOV", 5),
+    8: ("SIMPLE_RADIAL_FISHEYE", 4),
+    9: ("RADIAL_FISHEYE", 5),
+    10: ("THIN_PRISM_FISHEYE", 12),
 }
 MODEL_IDS = {name: model_id for model_id, (name, _) in CAMERA_MODELS.items()}
 
@@ -62,8 +70,10 @@ def camera_matrices(camera: ColmapCamera, where: str) -> tuple[torch.Tensor, tor
         fx, fy, cx, cy = p[:4]
         dist = (list(p[4:]) + zeros)[:8]
     else:
-        raise SceneError(f"{where}: camera model {camera.model} is not supported (only SIMPLE_PINHOLE, PINHOLE, "
-                         f"SIMPLE_RADIAL, RADIAL, OPENCV, FULL_OPENCV); run `colmap image_undistorter` first")
+        raise SceneError(
+            f"{where}: camera model {camera.model} is not supported (only SIMPLE_PINHOLE, PINHOLE, "
+            f"SIMPLE_RADIAL, RADIAL, OPENCV, FULL_OPENCV); run `colmap image_undistorter` first"
+        )
     K = torch.tensor([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]], dtype=torch.float64)
     return K, torch.tensor(dist, dtype=torch.float32)
 
@@ -71,11 +81,14 @@ def camera_matrices(camera: ColmapCamera, where: str) -> tuple[torch.Tensor, tor
 def qvec_to_rotation(qvec: list[float]) -> torch.Tensor:
     """[3, 3] rotation of a unit quaternion (w, x, y, z); the quaternion is normalised first."""
     w, x, y, z = (torch.tensor(qvec, dtype=torch.float64) / torch.tensor(qvec, dtype=torch.float64).norm()).tolist()
-    return torch.tensor([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-    ], dtype=torch.float64)
+    return torch.tensor(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+        ],
+        dtype=torch.float64,
+    )
 
 
 def _data_lines(path: Path) -> list[str]:
@@ -84,7 +97,7 @@ def _data_lines(path: Path) -> list[str]:
 
 def read_cameras_text(path: Path) -> dict[int, ColmapCamera]:
     cameras = {}
-    for number, line in enumerate(_data_lines(path)):
+    for line in _data_lines(path):
         if not line.strip():
             continue
         fields = line.split()
@@ -105,8 +118,9 @@ def read_images_text(path: Path) -> dict[int, ColmapImage]:
             continue
         fields = lines[i].split()
         try:
-            images[int(fields[0])] = ColmapImage([float(v) for v in fields[1:5]], [float(v) for v in fields[5:8]],
-                                                 int(fields[8]), " ".join(fields[9:]))
+            images[int(fields[0])] = ColmapImage(
+                [float(v) for v in fields[1:5]], [float(v) for v in fields[5:8]], int(fields[8]), " ".join(fields[9:])
+            )
         except (IndexError, ValueError) as err:
             raise SceneError(f"{path}: cannot parse image line '{lines[i]}' ({err})") from err
         i += 2
@@ -143,7 +157,7 @@ class _Reader:
         end = self.data.find(b"\0", self.offset)
         if end < 0:
             raise SceneError(f"{self.path}: truncated binary file (unterminated image name)")
-        name = self.data[self.offset:end].decode("utf-8")
+        name = self.data[self.offset : end].decode("utf-8")
         self.offset = end + 1
         return name
 
@@ -190,9 +204,16 @@ def find_model_dir(path: Path) -> Path | None:
     return None
 
 
-def load_colmap(path: str | Path, *, images_dir: str | Path | None = None, downscale: float = 1.0,
-                skip_missing: bool = False, verify_images: bool = True, test_every: int = 8,
-                scene_id: str | None = None) -> Scene:
+def load_colmap(
+    path: str | Path,
+    *,
+    images_dir: str | Path | None = None,
+    downscale: float = 1.0,
+    skip_missing: bool = False,
+    verify_images: bool = True,
+    test_every: int = 8,
+    scene_id: str | None = None,
+) -> Scene:
     """Load a COLMAP reconstruction (binary preferred over text when both exist).
 
     Args:

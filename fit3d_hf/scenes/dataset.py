@@ -119,24 +119,26 @@ def dataset_to_scenes(dataset: datasets.Dataset) -> list[Scene]:
         part = table[rows]  # column → stacked array
         order = np.argsort(part["view_id"], kind="stable")
 
-        def column(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        def column(name: str, dtype: torch.dtype, part=part, order=order) -> torch.Tensor | None:
             return torch.from_numpy(np.ascontiguousarray(part[name][order])).to(dtype) if name in columns else None
 
         images = column("image", torch.float32).permute(0, 3, 1, 2) / 255
         split = part["split"][order].tolist()
-        scenes.append(Scene(
-            scene_id=scene_id,
-            intrinsics=column("intrinsics", torch.float32),
-            world_to_camera=column("world_to_camera", torch.float32),
-            height=images.shape[2],
-            width=images.shape[3],
-            image_data=images.contiguous(),
-            mask_data=column("mask", torch.float32),
-            depth_m=column("depth", torch.float32),
-            semantics=column("semantics", torch.int64),
-            train_views=[i for i, s in enumerate(split) if s == 0],
-            test_views=[i for i, s in enumerate(split) if s == 1],
-            class_names=class_names,
-            source=f"dataset rows of scene '{scene_id}'",
-        ))
+        scenes.append(
+            Scene(
+                scene_id=scene_id,
+                intrinsics=column("intrinsics", torch.float32),
+                world_to_camera=column("world_to_camera", torch.float32),
+                height=images.shape[2],
+                width=images.shape[3],
+                image_data=images.contiguous(),
+                mask_data=column("mask", torch.float32),
+                depth_m=column("depth", torch.float32),
+                semantics=column("semantics", torch.int64),
+                train_views=[i for i, s in enumerate(split) if s == 0],
+                test_views=[i for i, s in enumerate(split) if s == 1],
+                class_names=class_names,
+                source=f"dataset rows of scene '{scene_id}'",
+            )
+        )
     return scenes

@@ -18,8 +18,9 @@ def backproject(depth_m: torch.Tensor, intrinsics: torch.Tensor, world_to_camera
         [H, W, 3] world coordinates.
     """
     height, width = depth_m.shape
-    v, u = torch.meshgrid(torch.arange(height, dtype=depth_m.dtype) + 0.5,
-                          torch.arange(width, dtype=depth_m.dtype) + 0.5, indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(height, dtype=depth_m.dtype) + 0.5, torch.arange(width, dtype=depth_m.dtype) + 0.5, indexing="ij"
+    )
     rays = torch.stack([u, v, torch.ones_like(u)], dim=-1) @ torch.linalg.inv(intrinsics).T
     camera_to_world = torch.linalg.inv(world_to_camera)
     return (rays * depth_m[..., None]) @ camera_to_world[:3, :3].T + camera_to_world[:3, 3]
@@ -47,10 +48,18 @@ def sample_at(values: torch.Tensor, uv: torch.Tensor, mode: str = "bilinear") ->
     return sampled.reshape(values.shape[0], *uv.shape[:-1])
 
 
-def warp_to_source(depth_src: torch.Tensor, intrinsics_src: torch.Tensor, world_to_camera_src: torch.Tensor,
-                   values_dst: torch.Tensor, intrinsics_dst: torch.Tensor, world_to_camera_dst: torch.Tensor,
-                   depth_dst: torch.Tensor | None = None, *, mode: str = "bilinear",
-                   depth_tolerance: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+def warp_to_source(
+    depth_src: torch.Tensor,
+    intrinsics_src: torch.Tensor,
+    world_to_camera_src: torch.Tensor,
+    values_dst: torch.Tensor,
+    intrinsics_dst: torch.Tensor,
+    world_to_camera_dst: torch.Tensor,
+    depth_dst: torch.Tensor | None = None,
+    *,
+    mode: str = "bilinear",
+    depth_tolerance: float = 0.02,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What view `dst` sees at each pixel of view `src`, through src's depth.
 
     Args:

@@ -11,7 +11,7 @@ from fit3d_hf.scenes.transforms_json import load_fit3d_scannetpp, load_transform
 
 
 def detect_format(path: str | Path) -> str:
-    """"fit3d_scannetpp", "transforms_json" or "colmap" for a capture folder (or transforms .json file).
+    """ "fit3d_scannetpp", "transforms_json" or "colmap" for a capture folder (or transforms .json file).
 
     Checked in that order: `transforms_train.json` (FiT3D's ScanNet++ layout), `transforms.json`
     (nerfstudio / instant-ngp), a COLMAP model in the folder, `sparse/0/` or `sparse/`.
@@ -27,13 +27,21 @@ def detect_format(path: str | Path) -> str:
         return "transforms_json"
     if find_model_dir(path) is not None:
         return "colmap"
-    raise SceneError(f"{path}: not a recognised capture; expected transforms_train.json (FiT3D ScanNet++), "
-                     f"transforms.json (nerfstudio / instant-ngp) or a COLMAP model (cameras/images/points3D "
-                     f".bin or .txt in the folder, sparse/0/ or sparse/)")
+    raise SceneError(
+        f"{path}: not a recognised capture; expected transforms_train.json (FiT3D ScanNet++), "
+        f"transforms.json (nerfstudio / instant-ngp) or a COLMAP model (cameras/images/points3D "
+        f".bin or .txt in the folder, sparse/0/ or sparse/)"
+    )
 
 
-def load_scene(path: str | Path, *, downscale: float = 1.0, skip_missing: bool = False,
-               verify_images: bool = True, scene_id: str | None = None) -> Scene:
+def load_scene(
+    path: str | Path,
+    *,
+    downscale: float = 1.0,
+    skip_missing: bool = False,
+    verify_images: bool = True,
+    scene_id: str | None = None,
+) -> Scene:
     """Load a posed capture from disk as a lazily read `Scene` (see `detect_format` for the formats).
 
     Args:

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fit3d_hf.scenes.images import (FrameFiles, SceneError, distorted_grid, image_size, read_image, read_mask,
-                                    undistort)
+from fit3d_hf.scenes.images import FrameFiles, SceneError, distorted_grid, image_size, read_image, read_mask, undistort
 
 IGNORE_LABEL = 255
 
@@ -82,8 +81,12 @@ class Scene:
             raise SceneError(f"{where}: {len(self.view_names)} view names for {num_views} views")
         if (self.image_data is None) == (self.files is None):
             raise SceneError(f"{where}: give exactly one of image_data (in memory) or files (lazy)")
-        per_view = {"image_data": (3, self.height, self.width), "mask_data": (self.height, self.width),
-                    "depth_m": (self.height, self.width), "semantics": (self.height, self.width)}
+        per_view = {
+            "image_data": (3, self.height, self.width),
+            "mask_data": (self.height, self.width),
+            "depth_m": (self.height, self.width),
+            "semantics": (self.height, self.width),
+        }
         for name, shape in per_view.items():
             value = getattr(self, name)
             if value is not None:
@@ -109,8 +112,7 @@ class Scene:
             raise SceneError(f"{where}: view indices {bad} out of range for {num_views} views")
         check_cameras(self.intrinsics, self.world_to_camera, self.view_names, where)
         if self.points is not None and len(self.points) > 0:
-            check_points_seen(self.points, self.intrinsics, self.world_to_camera, self.width, self.height,
-                              self.view_names, where)
+            check_points_seen(self.points, self.intrinsics, self.world_to_camera, self.width, self.height, self.view_names, where)
 
     @classmethod
     def from_files(
@@ -131,7 +133,7 @@ class Scene:
         downscale: float = 1.0,
         skip_missing: bool = False,
         verify_images: bool = True,
-    ) -> "Scene":
+    ) -> Scene:
         """Validate the files of a capture and build a lazily loaded scene from them.
 
         Args:
@@ -159,10 +161,13 @@ class Scene:
         if missing:
             listing = "\n  ".join(f"frame {i} '{view_names[i]}': {image_paths[i]}" for i in missing)
             if not skip_missing:
-                raise SceneError(f"{source}: {len(missing)} of {count} image files listed are missing:\n  {listing}\n"
-                                 f"Pass skip_missing=True to load the {count - len(missing)} that exist.")
-            warnings.warn(f"{source}: skipping {len(missing)} of {count} frames whose image file is missing:\n"
-                          f"  {listing}", stacklevel=2)
+                raise SceneError(
+                    f"{source}: {len(missing)} of {count} image files listed are missing:\n  {listing}\n"
+                    f"Pass skip_missing=True to load the {count - len(missing)} that exist."
+                )
+            warnings.warn(
+                f"{source}: skipping {len(missing)} of {count} frames whose image file is missing:\n  {listing}", stacklevel=2
+            )
             keep = [i for i in keep if i not in set(missing)]
         if not keep:
             raise SceneError(f"{source}: none of the {count} listed image files exist")
@@ -176,8 +181,10 @@ class Scene:
                 continue
             declared = file_sizes[i] if file_sizes is not None else None
             if declared is not None and tuple(declared) != sizes[i]:
-                problems.append(f"frame {i} '{view_names[i]}': {image_paths[i]} is {sizes[i][0]}×{sizes[i][1]} "
-                                f"but the capture declares {declared[0]}×{declared[1]}")
+                problems.append(
+                    f"frame {i} '{view_names[i]}': {image_paths[i]} is {sizes[i][0]}×{sizes[i][1]} "
+                    f"but the capture declares {declared[0]}×{declared[1]}"
+                )
             mask = mask_paths[i] if mask_paths is not None else None
             if mask is not None:
                 try:
@@ -186,8 +193,10 @@ class Scene:
                     problems.append(f"frame {i} '{view_names[i]}' mask: {err}")
                     continue
                 if mask_size != sizes[i]:
-                    problems.append(f"frame {i} '{view_names[i]}': mask {mask} is {mask_size[0]}×{mask_size[1]}, "
-                                    f"image is {sizes[i][0]}×{sizes[i][1]}")
+                    problems.append(
+                        f"frame {i} '{view_names[i]}': mask {mask} is {mask_size[0]}×{mask_size[1]}, "
+                        f"image is {sizes[i][0]}×{sizes[i][1]}"
+                    )
         distinct = sorted(set(sizes.values()), key=list(sizes.values()).count, reverse=True)
         if len(distinct) > 1:
             odd = [f"frame {i} '{view_names[i]}': {w}×{h}" for i, (w, h) in sizes.items() if (w, h) != distinct[0]]
@@ -223,9 +232,13 @@ class Scene:
     def __repr__(self) -> str:
         extras = [name for name in ("mask_data", "depth_m", "semantics", "points") if getattr(self, name) is not None]
         storage = "in memory" if self.image_data is not None else "lazy from files"
-        return (f"Scene('{self.scene_id}', {self.num_views} views ({len(self.train_views)} train, "
-                f"{len(self.test_views)} test), {self.width}×{self.height}, images {storage}"
-                + (f", with {', '.join(extras)}" if extras else "") + (f", from {self.source}" if self.source else "") + ")")
+        return (
+            f"Scene('{self.scene_id}', {self.num_views} views ({len(self.train_views)} train, "
+            f"{len(self.test_views)} test), {self.width}×{self.height}, images {storage}"
+            + (f", with {', '.join(extras)}" if extras else "")
+            + (f", from {self.source}" if self.source else "")
+            + ")"
+        )
 
     @property
     def num_views(self) -> int:
@@ -245,8 +258,9 @@ class Scene:
         try:
             image = read_image(path, self.width, self.height)
         except (OSError, SyntaxError, ValueError) as err:
-            raise SceneError(f"{path} (frame {i} '{self.view_names[i]}' of scene '{self.scene_id}'): "
-                             f"cannot decode image ({err})") from err
+            raise SceneError(
+                f"{path} (frame {i} '{self.view_names[i]}' of scene '{self.scene_id}'): cannot decode image ({err})"
+            ) from err
         grid = self._distortion_grid(i)
         if grid is not None:
             image = undistort(image, grid)[0]
@@ -321,14 +335,21 @@ def check_cameras(intrinsics: torch.Tensor, world_to_camera: torch.Tensor, view_
         raise SceneError(f"{where}: {len(problems)} bad camera(s):\n  " + "\n  ".join(problems))
 
 
-def check_points_seen(points: torch.Tensor, intrinsics: torch.Tensor, world_to_camera: torch.Tensor,
-                      width: int, height: int, view_names: list[str], where: str) -> None:
+def check_points_seen(
+    points: torch.Tensor,
+    intrinsics: torch.Tensor,
+    world_to_camera: torch.Tensor,
+    width: int,
+    height: int,
+    view_names: list[str],
+    where: str,
+) -> None:
     """Raise SceneError naming every camera that sees none of `points` [P, 3] (a pose-convention check)."""
     homogeneous = torch.cat([points, torch.ones(len(points), 1)], dim=1)  # [P, 4]
     blind = []
     for start in range(0, len(intrinsics), 32):
-        cam = (world_to_camera[start:start + 32, :3] @ homogeneous.T)  # [v, 3, P]
-        pix = intrinsics[start:start + 32] @ cam
+        cam = world_to_camera[start : start + 32, :3] @ homogeneous.T  # [v, 3, P]
+        pix = intrinsics[start : start + 32] @ cam
         z = cam[:, 2]
         u = pix[:, 0] / z.clamp_min(1e-9)
         v = pix[:, 1] / z.clamp_min(1e-9)
@@ -336,5 +357,7 @@ def check_points_seen(points: torch.Tensor, intrinsics: torch.Tensor, world_to_c
         blind += [start + j for j in torch.nonzero(~seen).flatten().tolist()]
     if blind:
         names = ", ".join(f"{i} '{view_names[i]}'" for i in blind[:20]) + (" ..." if len(blind) > 20 else "")
-        raise SceneError(f"{where}: {len(blind)} of {len(intrinsics)} camera(s) see none of the {len(points)} "
-                         f"init points (wrong pose convention or wrong point file?): frames {names}")
+        raise SceneError(
+            f"{where}: {len(blind)} of {len(intrinsics)} camera(s) see none of the {len(points)} "
+            f"init points (wrong pose convention or wrong point file?): frames {names}"
+        )

@@ -25,15 +25,33 @@ import torch.nn.functional as F
 from fit3d_hf.scenes.scene import Scene
 
 CLASS_NAMES: list[str] = [
-    "wall", "floor", "ceiling", "cabinet", "table", "sofa", "crate", "ball", "pillar", "stool", "lamp",
+    "wall",
+    "floor",
+    "ceiling",
+    "cabinet",
+    "table",
+    "sofa",
+    "crate",
+    "ball",
+    "pillar",
+    "stool",
+    "lamp",
 ]
 WALL, FLOOR, CEILING, CABINET, TABLE, SOFA, CRATE, BALL, PILLAR, STOOL, LAMP = range(len(CLASS_NAMES))
 
 # Texture family per class (a class keeps its pattern kind; colours vary per object).
 _CLASS_PATTERNS = {
-    WALL: ("stripes", "tiles", "noise"), FLOOR: ("wood", "tiles", "checker"), CEILING: ("noise",),
-    CABINET: ("wood",), TABLE: ("wood", "checker"), SOFA: ("noise", "dots"), CRATE: ("stripes", "tiles"),
-    BALL: ("checker", "dots", "stripes"), PILLAR: ("noise", "stripes"), STOOL: ("dots", "checker"), LAMP: ("noise",),
+    WALL: ("stripes", "tiles", "noise"),
+    FLOOR: ("wood", "tiles", "checker"),
+    CEILING: ("noise",),
+    CABINET: ("wood",),
+    TABLE: ("wood", "checker"),
+    SOFA: ("noise", "dots"),
+    CRATE: ("stripes", "tiles"),
+    BALL: ("checker", "dots", "stripes"),
+    PILLAR: ("noise", "stripes"),
+    STOOL: ("dots", "checker"),
+    LAMP: ("noise",),
 }
 _FACE_LABELS = (WALL, WALL, WALL, WALL, FLOOR, CEILING)
 _SHELL = len(_FACE_LABELS)
@@ -61,7 +79,7 @@ def _value_noise(gen: torch.Generator, cells: int, size: int) -> torch.Tensor:
     padded = F.pad(lattice, (2, 2, 2, 2), mode="circular")
     scale = size // cells
     up = F.interpolate(padded, scale_factor=scale, mode="bicubic", align_corners=False)
-    return up[0, 0, 2 * scale: 2 * scale + size, 2 * scale: 2 * scale + size].clamp(0, 1)
+    return up[0, 0, 2 * scale : 2 * scale + size, 2 * scale : 2 * scale + size].clamp(0, 1)
 
 
 def _fractal_noise(gen: torch.Generator, size: int) -> torch.Tensor:
@@ -72,8 +90,10 @@ def _fractal_noise(gen: torch.Generator, size: int) -> torch.Tensor:
 def _random_color(rng: random.Random, label: int) -> torch.Tensor:
     """A colour drawn from a class-dependent palette (hue/saturation/value ranges)."""
     hue_range, sat_range, val_range = {
-        WALL: ((0.0, 1.0), (0.1, 0.35), (0.7, 0.95)), FLOOR: ((0.05, 0.12), (0.4, 0.7), (0.35, 0.7)),
-        CEILING: ((0.0, 1.0), (0.0, 0.1), (0.85, 1.0)), CABINET: ((0.04, 0.1), (0.5, 0.8), (0.3, 0.6)),
+        WALL: ((0.0, 1.0), (0.1, 0.35), (0.7, 0.95)),
+        FLOOR: ((0.05, 0.12), (0.4, 0.7), (0.35, 0.7)),
+        CEILING: ((0.0, 1.0), (0.0, 0.1), (0.85, 1.0)),
+        CABINET: ((0.04, 0.1), (0.5, 0.8), (0.3, 0.6)),
         LAMP: ((0.1, 0.16), (0.3, 0.6), (0.95, 1.0)),
     }.get(label, ((0.0, 1.0), (0.45, 0.95), (0.45, 0.95)))
     hsv = torch.tensor([rng.uniform(*hue_range), rng.uniform(*sat_range), rng.uniform(*val_range)])
@@ -178,8 +198,9 @@ def _surface(prim: _Primitive, points: torch.Tensor) -> tuple[torch.Tensor, torc
         normal_local = F.one_hot(axis, 3).float() * sign[:, None] * (-1 if prim.kind == "room" else 1)
         # The two coordinates spanning the face; metres from the box corner so tiles line up at edges.
         corner = local + half
-        uv = torch.stack([torch.where(axis == 0, corner[:, 1], corner[:, 0]),
-                          torch.where(axis == 2, corner[:, 1], corner[:, 2])], dim=1)
+        uv = torch.stack(
+            [torch.where(axis == 0, corner[:, 1], corner[:, 0]), torch.where(axis == 2, corner[:, 1], corner[:, 2])], dim=1
+        )
         if prim.kind == "box":
             cos, sin = math.cos(prim.yaw), math.sin(prim.yaw)
             rot = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])
@@ -210,8 +231,7 @@ def _sample_texture(prim: _Primitive, uv: torch.Tensor) -> torch.Tensor:
     """Bilinear, tiled texture lookup at uv [R, 2] metres. Returns albedo [R, 3]."""
     tex_uv = (uv / prim.tile_m) % 1.0 * 2 - 1
     grid = tex_uv[None, None]  # [1, 1, R, 2]
-    return F.grid_sample(prim.texture[None], grid, mode="bilinear", padding_mode="reflection",
-                         align_corners=False)[0, :, 0].T
+    return F.grid_sample(prim.texture[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0, :, 0].T
 
 
 def _look_at(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -226,18 +246,18 @@ def _look_at(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return pose
 
 
-def _layout(rng: random.Random, gen: torch.Generator, extent: torch.Tensor,
-            camera_xy: torch.Tensor) -> list[_Primitive]:
+def _layout(rng: random.Random, gen: torch.Generator, extent: torch.Tensor, camera_xy: torch.Tensor) -> list[_Primitive]:
     """Room shell plus furniture, placed so that no object comes within 0.4 m of a camera (in xy)."""
     lx, ly, lz = extent.tolist()
     center = torch.tensor([lx / 2, ly / 2, 0.0])
     # Six shell entries with the room geometry, one texture per face, in `_room_face` order.
-    prims = [_Primitive("room", label, extent, torch.zeros(0), 0.0, _make_texture(rng, gen, label),
-                        rng.uniform(0.8, 1.6)) for label in _FACE_LABELS]
+    prims = [
+        _Primitive("room", label, extent, torch.zeros(0), 0.0, _make_texture(rng, gen, label), rng.uniform(0.8, 1.6))
+        for label in _FACE_LABELS
+    ]
     footprints: list[tuple[float, float, float]] = []  # (x, y, radius) of placed objects
 
-    def free(x: float, y: float, radius: float, half_x: float | None = None, half_y: float = 0.0,
-             yaw: float = 0.0) -> bool:
+    def free(x: float, y: float, radius: float, half_x: float | None = None, half_y: float = 0.0, yaw: float = 0.0) -> bool:
         """Inside the room, clear of other objects (circles) and ≥ 0.4 m from every camera.
 
         The camera clearance uses the footprint rectangle (half_x, half_y, yaw) when given, else the
@@ -259,9 +279,15 @@ def _layout(rng: random.Random, gen: torch.Generator, extent: torch.Tensor,
 
     def box(label, x, y, z0, half, yaw, texture=None, tile=None):
         hx, hy, hz = half
-        return _Primitive("box", label, torch.tensor([x, y, z0 + hz]), torch.tensor([hx, hy, hz]), yaw,
-                          _make_texture(rng, gen, label) if texture is None else texture,
-                          rng.uniform(0.4, 1.0) if tile is None else tile)
+        return _Primitive(
+            "box",
+            label,
+            torch.tensor([x, y, z0 + hz]),
+            torch.tensor([hx, hy, hz]),
+            yaw,
+            _make_texture(rng, gen, label) if texture is None else texture,
+            rng.uniform(0.4, 1.0) if tile is None else tile,
+        )
 
     def wall_spot(depth: float, width: float) -> tuple[float, float, float, float, float] | None:
         """A free spot against a random wall: (x, y, yaw, wall_dx, wall_dy); local x runs along the wall."""
@@ -307,23 +333,32 @@ def _layout(rng: random.Random, gen: torch.Generator, extent: torch.Tensor,
                 tex, tile = _make_texture(rng, gen, SOFA), rng.uniform(0.3, 0.8)
                 prims.append(box(SOFA, x, y, 0.0, (w / 2, d / 2, 0.22), yaw, tex, tile))
                 offset = d / 2 - 0.1  # the backrest stands on the seat's wall side
-                prims.append(box(SOFA, x + wall_dx * offset, y + wall_dy * offset, 0.44, (w / 2, 0.1, 0.22),
-                                 yaw, tex, tile))
+                prims.append(box(SOFA, x + wall_dx * offset, y + wall_dy * offset, 0.44, (w / 2, 0.1, 0.22), yaw, tex, tile))
         else:
             s = rng.uniform(0.35, 0.6)
             spot = wall_spot(s, s)
             if spot:
                 for level in range(rng.randint(1, 3)):
-                    prims.append(box(CRATE, spot[0], spot[1], level * s, (s / 2, s / 2, s / 2),
-                                     spot[2] + rng.uniform(-0.15, 0.15)))
+                    prims.append(
+                        box(CRATE, spot[0], spot[1], level * s, (s / 2, s / 2, s / 2), spot[2] + rng.uniform(-0.15, 0.15))
+                    )
     # Pillars in some corners.
     for cx, cy in rng.sample([(0.35, 0.35), (lx - 0.35, 0.35), (0.35, ly - 0.35), (lx - 0.35, ly - 0.35)], 2):
         radius = rng.uniform(0.15, 0.25)
         if free(cx, cy, radius):
             footprints.append((cx, cy, radius))
             circumference_tiles = rng.choice((2, 3, 4))
-            prims.append(_Primitive("cylinder", PILLAR, torch.tensor([cx, cy, 0.0]), torch.tensor([radius, 0.0, lz]),
-                                    0.0, _make_texture(rng, gen, PILLAR), 2 * math.pi * radius / circumference_tiles))
+            prims.append(
+                _Primitive(
+                    "cylinder",
+                    PILLAR,
+                    torch.tensor([cx, cy, 0.0]),
+                    torch.tensor([radius, 0.0, lz]),
+                    0.0,
+                    _make_texture(rng, gen, PILLAR),
+                    2 * math.pi * radius / circumference_tiles,
+                )
+            )
     # Centre: a table with legs, balls, stools; a lamp hanging from the ceiling.
     tx, ty = center[0].item() + rng.uniform(-0.2, 0.2), center[1].item() + rng.uniform(-0.2, 0.2)
     tw, td, th = rng.uniform(0.9, 1.4), rng.uniform(0.6, 0.9), rng.uniform(0.7, 0.78)
@@ -336,28 +371,73 @@ def _layout(rng: random.Random, gen: torch.Generator, extent: torch.Tensor,
         for sx in (-1, 1):
             for sy in (-1, 1):
                 lx_, ly_ = sx * (tw / 2 - 0.06), sy * (td / 2 - 0.06)
-                prims.append(box(TABLE, tx + cos * lx_ - sin * ly_, ty + sin * lx_ + cos * ly_, 0.0,
-                                 (0.03, 0.03, (th - 0.05) / 2), table_yaw, tex, tile))
+                prims.append(
+                    box(
+                        TABLE,
+                        tx + cos * lx_ - sin * ly_,
+                        ty + sin * lx_ + cos * ly_,
+                        0.0,
+                        (0.03, 0.03, (th - 0.05) / 2),
+                        table_yaw,
+                        tex,
+                        tile,
+                    )
+                )
         radius = rng.uniform(0.08, 0.15)
-        prims.append(_Primitive("sphere", BALL, torch.tensor([tx, ty, th + radius]), torch.tensor([radius]),
-                                0.0, _make_texture(rng, gen, BALL), 2 * math.pi * radius / rng.choice((2, 4))))
+        prims.append(
+            _Primitive(
+                "sphere",
+                BALL,
+                torch.tensor([tx, ty, th + radius]),
+                torch.tensor([radius]),
+                0.0,
+                _make_texture(rng, gen, BALL),
+                2 * math.pi * radius / rng.choice((2, 4)),
+            )
+        )
     for _ in range(rng.randint(1, 3)):
         spot = floor_spot(0.12, 0.3)
         if spot:
             x, y, radius = spot
-            prims.append(_Primitive("sphere", BALL, torch.tensor([x, y, radius]), torch.tensor([radius]), 0.0,
-                                    _make_texture(rng, gen, BALL), 2 * math.pi * radius / rng.choice((2, 4))))
+            prims.append(
+                _Primitive(
+                    "sphere",
+                    BALL,
+                    torch.tensor([x, y, radius]),
+                    torch.tensor([radius]),
+                    0.0,
+                    _make_texture(rng, gen, BALL),
+                    2 * math.pi * radius / rng.choice((2, 4)),
+                )
+            )
     for _ in range(rng.randint(1, 3)):
         spot = floor_spot(0.16, 0.24)
         if spot:
             x, y, radius = spot
-            prims.append(_Primitive("cylinder", STOOL, torch.tensor([x, y, 0.0]),
-                                    torch.tensor([radius, 0.0, rng.uniform(0.4, 0.5)]), 0.0,
-                                    _make_texture(rng, gen, STOOL), 2 * math.pi * radius / rng.choice((1, 2, 3))))
+            prims.append(
+                _Primitive(
+                    "cylinder",
+                    STOOL,
+                    torch.tensor([x, y, 0.0]),
+                    torch.tensor([radius, 0.0, rng.uniform(0.4, 0.5)]),
+                    0.0,
+                    _make_texture(rng, gen, STOOL),
+                    2 * math.pi * radius / rng.choice((1, 2, 3)),
+                )
+            )
     lamp_radius = rng.uniform(0.15, 0.25)
-    prims.append(_Primitive("cylinder", LAMP, torch.tensor([tx, ty, 0.0]),
-                            torch.tensor([lamp_radius, lz - rng.uniform(0.3, 0.5), lz]), 0.0,
-                            _make_texture(rng, gen, LAMP), 2 * math.pi * lamp_radius, emissive=True))
+    prims.append(
+        _Primitive(
+            "cylinder",
+            LAMP,
+            torch.tensor([tx, ty, 0.0]),
+            torch.tensor([lamp_radius, lz - rng.uniform(0.3, 0.5), lz]),
+            0.0,
+            _make_texture(rng, gen, LAMP),
+            2 * math.pi * lamp_radius,
+            emissive=True,
+        )
+    )
     return prims
 
 
@@ -391,8 +471,16 @@ def _trajectory(rng: random.Random, extent: torch.Tensor, num_views: int) -> tor
     return torch.stack(poses)
 
 
-def make_room(seed: int, *, num_views: int = 24, height: int = 120, width: int = 160,
-              fov_x_deg: float = 70.0, num_points: int = 20_000, test_every: int = 8) -> Scene:
+def make_room(
+    seed: int,
+    *,
+    num_views: int = 24,
+    height: int = 120,
+    width: int = 160,
+    fov_x_deg: float = 70.0,
+    num_points: int = 20_000,
+    test_every: int = 8,
+) -> Scene:
     """Generate one procedural room and render it from an orbit of cameras.
 
     Args:

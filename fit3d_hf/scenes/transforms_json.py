@@ -47,22 +47,27 @@ def _frame_pose(frame: dict, index: int, where: str) -> torch.Tensor:
     if pose.shape == (3, 4):
         pose = torch.cat([pose, torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)])
     if pose.shape != (4, 4):
-        raise SceneError(f"{where}: frame {index} ('{frame.get('file_path')}') transform_matrix has shape "
-                         f"{list(pose.shape)}, expected 4×4 or 3×4")
+        raise SceneError(
+            f"{where}: frame {index} ('{frame.get('file_path')}') transform_matrix has shape "
+            f"{list(pose.shape)}, expected 4×4 or 3×4"
+        )
     return pose
 
 
 def _frame_camera(meta: dict, frame: dict, image_path: Path, index: int, where: str):
     """(K [3, 3] at the file resolution, declared (w, h) or None, distortion [8]) of one frame."""
+
     def get(key):
         return frame.get(key, meta.get(key))
 
     name = f"frame {index} ('{frame.get('file_path')}')"
     model = str(get("camera_model") or "OPENCV").upper()
     if model not in _PERSPECTIVE_MODELS or get("is_fisheye"):
-        raise SceneError(f"{where}: {name} uses camera model '{model}{' (fisheye)' if get('is_fisheye') else ''}', "
-                         f"which is not supported: undistort the images to a pinhole model first "
-                         f"(e.g. `colmap image_undistorter`) or export them as OPENCV/PINHOLE")
+        raise SceneError(
+            f"{where}: {name} uses camera model '{model}{' (fisheye)' if get('is_fisheye') else ''}', "
+            f"which is not supported: undistort the images to a pinhole model first "
+            f"(e.g. `colmap image_undistorter`) or export them as OPENCV/PINHOLE"
+        )
     width, height = get("w"), get("h")
     declared = None if width is None or height is None else (int(round(width)), int(round(height)))
     if declared is None:
@@ -100,9 +105,19 @@ def _resolve(root: Path, file_path: str, fallback_root: Path) -> Path:
     return root / file_path
 
 
-def _load_frames(source: Path, meta: dict, frames: list[dict], image_root: Path, poses: list[torch.Tensor],
-                 mask_paths: list[Path | None], is_test: list[bool], scene_id: str, points=None, point_colors=None,
-                 **options) -> Scene:
+def _load_frames(
+    source: Path,
+    meta: dict,
+    frames: list[dict],
+    image_root: Path,
+    poses: list[torch.Tensor],
+    mask_paths: list[Path | None],
+    is_test: list[bool],
+    scene_id: str,
+    points=None,
+    point_colors=None,
+    **options,
+) -> Scene:
     # FiT3D lists names relative to images/, but tolerate "images/<name>" (relative to the json) too.
     image_paths = [_resolve(image_root, str(frame.get("file_path", "")), source.parent) for frame in frames]
     cameras = [_frame_camera(meta, frame, path, i, str(source)) for i, (frame, path) in enumerate(zip(frames, image_paths))]
@@ -128,8 +143,15 @@ def _load_frames(source: Path, meta: dict, frames: list[dict], image_root: Path,
     )
 
 
-def load_transforms_json(path: str | Path, *, downscale: float = 1.0, skip_missing: bool = False,
-                         verify_images: bool = True, test_every: int = 8, scene_id: str | None = None) -> Scene:
+def load_transforms_json(
+    path: str | Path,
+    *,
+    downscale: float = 1.0,
+    skip_missing: bool = False,
+    verify_images: bool = True,
+    test_every: int = 8,
+    scene_id: str | None = None,
+) -> Scene:
     """Load a nerfstudio or instant-ngp capture.
 
     Args:
@@ -154,9 +176,21 @@ def load_transforms_json(path: str | Path, *, downscale: float = 1.0, skip_missi
     points = colors = None
     if meta.get("ply_file_path"):
         points, colors = read_ply_points(root / meta["ply_file_path"])
-    return _load_frames(source, meta, frames, root, poses, masks, is_test, scene_id or root.name,
-                        points=points, point_colors=colors, downscale=downscale, skip_missing=skip_missing,
-                        verify_images=verify_images)
+    return _load_frames(
+        source,
+        meta,
+        frames,
+        root,
+        poses,
+        masks,
+        is_test,
+        scene_id or root.name,
+        points=points,
+        point_colors=colors,
+        downscale=downscale,
+        skip_missing=skip_missing,
+        verify_images=verify_images,
+    )
 
 
 def fit3d_world_to_camera(c2w: torch.Tensor) -> torch.Tensor:
@@ -172,8 +206,14 @@ def fit3d_world_to_camera(c2w: torch.Tensor) -> torch.Tensor:
     return camera_to_world_gl_to_world_to_camera(colmap_world)
 
 
-def load_fit3d_scannetpp(path: str | Path, *, downscale: float = 1.0, skip_missing: bool = False,
-                         verify_images: bool = True, scene_id: str | None = None) -> Scene:
+def load_fit3d_scannetpp(
+    path: str | Path,
+    *,
+    downscale: float = 1.0,
+    skip_missing: bool = False,
+    verify_images: bool = True,
+    scene_id: str | None = None,
+) -> Scene:
     """Load a ScanNet++ scene as preprocessed for FiT3D.
 
     Layout: `transforms_train.json` (shared `fl_x fl_y cx cy w h`, `frames` = train views,
@@ -197,14 +237,41 @@ def load_fit3d_scannetpp(path: str | Path, *, downscale: float = 1.0, skip_missi
     if (root / "points3D.txt").is_file():
         points, colors = read_points3d_text(root / "points3D.txt")
     is_test = [False] * len(train) + [True] * len(test)
-    return _load_frames(source, meta, frames, root / "images", poses, masks, is_test, scene_id or root.name,
-                        points=points, point_colors=colors, downscale=downscale, skip_missing=skip_missing,
-                        verify_images=verify_images)
+    return _load_frames(
+        source,
+        meta,
+        frames,
+        root / "images",
+        poses,
+        masks,
+        is_test,
+        scene_id or root.name,
+        points=points,
+        point_colors=colors,
+        downscale=downscale,
+        skip_missing=skip_missing,
+        verify_images=verify_images,
+    )
 
 
-_PLY_TYPES = {"char": "i1", "uchar": "u1", "short": "i2", "ushort": "u2", "int": "i4", "uint": "u4", "float": "f4",
-              "double": "f8", "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2", "int32": "i4",
-              "uint32": "u4", "float32": "f4", "float64": "f8"}
+_PLY_TYPES = {
+    "char": "i1",
+    "uchar": "u1",
+    "short": "i2",
+    "ushort": "u2",
+    "int": "i4",
+    "uint": "u4",
+    "float": "f4",
+    "double": "f8",
+    "int8": "i1",
+    "uint8": "u1",
+    "int16": "i2",
+    "uint16": "u2",
+    "int32": "i4",
+    "uint32": "u4",
+    "float32": "f4",
+    "float64": "f8",
+}
 
 
 def read_ply_points(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -214,7 +281,7 @@ def read_ply_points(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not data.startswith(b"ply") or end < 0:
         raise SceneError(f"{path}: not a PLY file")
     header = data[:end].decode("ascii", errors="replace").splitlines()
-    body = data[data.index(b"\n", end) + 1:]
+    body = data[data.index(b"\n", end) + 1 :]
     fmt, count, fields, element = None, 0, [], None
     for line in header:
         words = line.split()

@@ -1,4 +1,6 @@
 """Gaussian splatting: a differentiable rasterizer (gsplat on CUDA, pure PyTorch elsewhere)."""
 
-from .rasterize import rasterize
 from .lift import FeatureGaussians, LiftConfig, lift_scene, lift_scenes
+from .rasterize import rasterize
+
+__all__ = ["FeatureGaussians", "LiftConfig", "lift_scene", "lift_scenes", "rasterize"]

@@ -118,9 +118,7 @@ def project(
         det = cov_a * cov_c - cov_b * cov_b
         opac = opacities[gaussian_ids]
         extend = torch.sqrt(2.0 * torch.log(opac.clamp(min=ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp(max=RADIUS_SIGMAS)
-        radii = torch.stack(
-            [torch.ceil(extend * cov_a.clamp(min=0).sqrt()), torch.ceil(extend * cov_c.clamp(min=0).sqrt())], -1
-        )
+        radii = torch.stack([torch.ceil(extend * cov_a.clamp(min=0).sqrt()), torch.ceil(extend * cov_c.clamp(min=0).sqrt())], -1)
         mx, my = means2d[:, 0], means2d[:, 1]
         visible = (
             (det > 0)

@@ -70,7 +70,9 @@ class LiftConfig:
     ssim_weight: float = field(default=0.2, metadata={"help": "Weight of the RGB (1 - SSIM) term."})
     feature_weight: float = field(default=1.0, metadata={"help": "Weight of the feature L1 term."})
     lr_means: float = field(default=1.6e-4, metadata={"help": "Initial lr of the means, times the camera extent."})
-    lr_means_final: float = field(default=1.6e-6, metadata={"help": "Final lr of the means (exponential decay), times the extent."})
+    lr_means_final: float = field(
+        default=1.6e-6, metadata={"help": "Final lr of the means (exponential decay), times the extent."}
+    )
     lr_sh0: float = field(default=2.5e-3, metadata={"help": "lr of the SH DC coefficients."})
     lr_shN: float = field(default=1.25e-4, metadata={"help": "lr of the higher SH coefficients."})
     lr_opacities: float = field(default=0.05, metadata={"help": "lr of the opacity logits."})
@@ -81,15 +83,24 @@ class LiftConfig:
     refine_start: int = field(default=500, metadata={"help": "Densify after this many (reference) steps."})
     refine_stop: int = field(default=15_000, metadata={"help": "Stop densifying after this many (reference) steps."})
     refine_every: int = field(default=100, metadata={"help": "Densify every this many (reference) steps."})
-    reset_opacity_every: int = field(default=3_000, metadata={"help": "Reset opacities every this many (reference) steps (0: never)."})
+    reset_opacity_every: int = field(
+        default=3_000, metadata={"help": "Reset opacities every this many (reference) steps (0: never)."}
+    )
     grow_grad2d: float = field(default=2e-4, metadata={"help": "Clone/split Gaussians whose mean screen gradient exceeds this."})
     prune_opacity: float = field(default=0.005, metadata={"help": "Prune Gaussians less opaque than this."})
     max_gaussians: int = field(default=0, metadata={"help": "Cap on the number of Gaussians (0: no cap)."})
-    init_points: int = field(default=100_000, metadata={"help": "Initial Gaussians: random ones, or at most this many scene points."})
+    init_points: int = field(
+        default=100_000, metadata={"help": "Initial Gaussians: random ones, or at most this many scene points."}
+    )
     init_opacity: float = field(default=0.1, metadata={"help": "Initial opacity."})
-    holdout_every: int = field(default=8, metadata={"help": "For scenes without test views: hold out the views whose index is a multiple of this (0: none)."})
+    holdout_every: int = field(
+        default=8,
+        metadata={"help": "For scenes without test views: hold out the views whose index is a multiple of this (0: none)."},
+    )
     render_downscale: int = field(default=1, metadata={"help": "Train and evaluate at the scene size divided by this."})
-    feature_downscale: int = field(default=1, metadata={"help": "Decode and compare features at the render size divided by this."})
+    feature_downscale: int = field(
+        default=1, metadata={"help": "Decode and compare features at the render size divided by this."}
+    )
     checkpoint_every: int = field(default=1_000, metadata={"help": "Write a resumable checkpoint every this many steps."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoints of a finished scene."})
     backend: str = field(default="auto", metadata={"help": "Rasterizer: auto (gsplat on CUDA, torch elsewhere), torch, gsplat."})
@@ -302,14 +313,18 @@ def _load_views(scene, indices: list[int], backbone: torch.nn.Module, render_dow
         if not torch.isfinite(full).all():
             bad = [scene.view_names[i] for i, image in zip(chunk, full) if not torch.isfinite(image).all()]
             raise ValueError(f"scene {scene.scene_id!r}: images of views {bad} contain NaN/inf")
-        pixel_values = normalize(F.interpolate(full, size=input_size, mode="bilinear", antialias=True, align_corners=False), backbone.config)
+        pixel_values = normalize(
+            F.interpolate(full, size=input_size, mode="bilinear", antialias=True, align_corners=False), backbone.config
+        )
         features = extract_features(backbone, pixel_values.to(device)).feature_maps
         targets.append(features.to("cpu", torch.float16))
         if (height, width) != (scene.height, scene.width):
             full = F.interpolate(full, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
         images.append(full.to(torch.float16))
         if has_masks:
-            chunk_masks = torch.stack([torch.ones(scene.height, scene.width) if scene.mask(i) is None else scene.mask(i) for i in chunk])
+            chunk_masks = torch.stack(
+                [torch.ones(scene.height, scene.width) if scene.mask(i) is None else scene.mask(i) for i in chunk]
+            )
             masks.append(F.interpolate(chunk_masks[:, None], size=(height, width), mode="nearest"))
     intrinsics = scene.intrinsics[indices].clone()
     intrinsics[:, 0] *= width / scene.width
@@ -414,8 +429,13 @@ def _losses(
     height, width = image.shape[-2:]
     mask = None if views.masks is None else views.masks[row : row + 1].to(device)
     renders, _, meta = _rasterize(
-        params, views.intrinsics[row : row + 1].to(device), views.world_to_camera[row : row + 1].to(device),
-        width, height, sh_degree, config.backend,
+        params,
+        views.intrinsics[row : row + 1].to(device),
+        views.world_to_camera[row : row + 1].to(device),
+        width,
+        height,
+        sh_degree,
+        config.backend,
     )
     rgb = renders.permute(0, 3, 1, 2)
     l1 = _masked_mean((rgb - image).abs(), mask)
@@ -427,7 +447,9 @@ def _losses(
         features = F.adaptive_avg_pool2d(features, size)
         mask_small = None if mask is None else F.interpolate(mask, size=size, mode="nearest")
     decoded = F.conv2d(features, decoder_weight, padding=1)
-    target = F.interpolate(views.targets[row : row + 1].to(device, torch.float32), size=decoded.shape[-2:], mode="bilinear", align_corners=False)
+    target = F.interpolate(
+        views.targets[row : row + 1].to(device, torch.float32), size=decoded.shape[-2:], mode="bilinear", align_corners=False
+    )
     feature_l1 = _masked_mean((decoded - target).abs(), mask_small)
     loss = config.rgb_l1_weight * l1 + config.ssim_weight * (1 - ssim) + config.feature_weight * feature_l1
     return loss, {"l1": l1, "ssim": ssim, "feature_l1": feature_l1}, meta
@@ -453,7 +475,9 @@ def _evaluate(gaussians: FeatureGaussians, views: _Views, config: LiftConfig) ->
         squared_error += ((rgb - image) ** 2 * mask).sum().item()
         pixels += mask.sum().item() * 3
         decoded = gaussians.decode(features)
-        target = F.interpolate(views.targets[row : row + 1].to(device, torch.float32), size=decoded.shape[-2:], mode="bilinear", align_corners=False)
+        target = F.interpolate(
+            views.targets[row : row + 1].to(device, torch.float32), size=decoded.shape[-2:], mode="bilinear", align_corners=False
+        )
         feature_l1 += ((decoded - target).abs().mean(1, keepdim=True) * mask).sum().item()
         cosine += (F.cosine_similarity(decoded, target, dim=1)[:, None] * mask).sum().item()
         feature_pixels += mask.sum().item()
@@ -609,8 +633,13 @@ def lift_scene(
 
         sh_every = config.scaled(config.sh_degree_every)
         bar = tqdm(
-            total=config.iterations, initial=start_step, desc=scene.scene_id, position=progress_position,
-            disable=not progress, leave=False, dynamic_ncols=True,
+            total=config.iterations,
+            initial=start_step,
+            desc=scene.scene_id,
+            position=progress_position,
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
         )
         segment_started = time.perf_counter()
         for step in range(start_step, config.iterations):
@@ -745,8 +774,14 @@ def lift_scenes(
         scene = scenes[scene_id]()
         if scene.scene_id != scene_id:
             raise ValueError(f"scene loaded for id {scene_id!r} calls itself {scene.scene_id!r}")
-        lift_scene(scene, backbone, config, output_dir=output_dir, seed=seed, backbone_name=backbone_name,
-                   progress_position=2 * process_index + 1)
+        lift_scene(
+            scene,
+            backbone,
+            config,
+            output_dir=output_dir,
+            seed=seed,
+            backbone_name=backbone_name,
+            progress_position=2 * process_index + 1,
+        )
         reports.append({**finished_report(output_dir, scene_id), "status": "lifted"})
     return reports
-
