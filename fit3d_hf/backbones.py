@@ -18,6 +18,7 @@ This file imports only torch and transformers: it is copied next to saved FiT3D 
 as remote code by processes that never imported `fit3d_hf`.
 """
 
+import hashlib
 import math
 import types
 from dataclasses import dataclass
@@ -264,14 +265,42 @@ def num_prefix_tokens_of(config: PreTrainedConfig) -> int:
     return 1 + (config.num_register_tokens if family_of(config) == "dinov2_reg" else 0)
 
 
+SIZE_RULES = ("floor", "nearest")
+
+
+def input_size(height: int, width: int, patch_size: int, rule: str = "floor") -> tuple[int, int]:
+    """The backbone input size (H, W) for an image of `height` x `width`: each side made a multiple of the patch size.
+
+    The one definition of the input-size rule. `"floor"` rounds each side down, as the official
+    FiT3D code does (876x584 at patch 14 -> 868x574, a 41x62 grid); `"nearest"` rounds to the
+    nearest multiple (882x588). Every side is at least one patch.
+    """
+    if rule not in SIZE_RULES:
+        raise ValueError(f"input-size rule must be one of {SIZE_RULES}, got {rule!r}")
+    snap = (lambda side: side // patch_size) if rule == "floor" else (lambda side: round(side / patch_size))
+    return max(1, snap(height)) * patch_size, max(1, snap(width)) * patch_size
+
+
 def check_image_size(height: int, width: int, config: PreTrainedConfig) -> None:
     """Raise a ValueError naming the sizes unless both are positive multiples of the patch size."""
     patch = patch_size_of(config)
     if height < patch or width < patch or height % patch or width % patch:
+        suggestion = "x".join(map(str, input_size(height, width, patch)))
         raise ValueError(
-            f"image size {height}x{width} (HxW) is not a multiple of the patch size {patch}; "
-            f"resize or crop to e.g. {max(patch, height // patch * patch)}x{max(patch, width // patch * patch)}"
+            f"image size {height}x{width} (HxW) is not a multiple of the patch size {patch}; resize or crop to e.g. {suggestion}"
         )
+
+
+def weights_checksum(*models: torch.nn.Module) -> str:
+    """SHA-256 of the models' weights (class, names, dtypes, shapes and bytes): equal iff the weights are identical."""
+    digest = hashlib.sha256()
+    for model in models:
+        digest.update(type(model).__name__.encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _tokens_to_map(tokens: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:

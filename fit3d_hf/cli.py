@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": "Linear-probe benchmark (segmentation, depth, 3D correspondence): original vs FiT3D.",
     "card": "Render a model card with eval results into a model folder.",
     "push": "Upload a model folder or a dataset to the Hugging Face Hub.",
+    "pretrain_embedded": "Pre-train the embedded backbone of the demo (SimMIM on procedural rooms, CPU).",
 }
 
 

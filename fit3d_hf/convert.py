@@ -11,8 +11,6 @@ import copy
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from safetensors.torch import load_file
 
 from .backbones import build_backbone, family_of, hidden_size_of, make_image_processor, patch_size_of
 from .configuration_fit3d import FiT3DConfig
+from .io import atomic_directory
 from .modeling_fit3d import FiT3DModel
 
 # Classifier heads of the CLIP and DeiT-III releases: FiT3D uses patch features only.
@@ -245,14 +244,7 @@ def convert_checkpoints(
     model.original.load_state_dict(converted["original"], strict=True)
     model.finetuned.load_state_dict(converted["finetuned"], strict=True)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         make_image_processor(config).save_pretrained(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir

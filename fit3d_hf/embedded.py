@@ -13,14 +13,12 @@ like `facebook/dinov2-small`.
 Regenerate the shipped weights (CPU; the seed, steps and measured time are written beside
 them in `pretraining.json`):
 
-    python -m fit3d_hf.embedded --output fit3d_hf/assets/embedded_backbone
+    fit3d pretrain_embedded --output fit3d_hf/assets/embedded_backbone
 """
 
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import Dinov2Config, Dinov2Model
 
 from .backbones import backbone_config, build_backbone, load_backbone, normalize
+from .io import atomic_directory
 
 EMBEDDED_BACKBONE_DIR = Path(__file__).resolve().parent / "assets" / "embedded_backbone"
 EMBEDDED_BACKBONE_NAME = "fit3d-embedded-vit-p8 (SimMIM on synthetic rooms, shipped in fit3d_hf/assets)"
@@ -237,10 +236,7 @@ def pretrain_embedded_backbone(
 
 def save_embedded_backbone(result: PretrainResult, config: EmbeddedPretrainConfig, output_dir: str | os.PathLike) -> Path:
     """Write `config.json`, `model.safetensors` (float16) and `pretraining.json` into `output_dir`, atomically."""
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir, overwrite=True) as staging:
         result.model.half().save_pretrained(staging)
         result.model.float()
         record = {
@@ -256,17 +252,7 @@ def save_embedded_backbone(result: PretrainResult, config: EmbeddedPretrainConfi
             "losses": [round(x, 5) for x in result.losses],
         }
         (staging / "pretraining.json").write_text(json.dumps(record, indent=1) + "\n")
-        # mkdtemp makes the folder private; the shipped asset must be readable by everyone.
-        staging.chmod(0o755)
-        for path in staging.iterdir():
-            path.chmod(0o644)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return output_dir
+    return Path(output_dir)
 
 
 def load_embedded_backbone(path: str | os.PathLike | None = None) -> Dinov2Model:
@@ -275,35 +261,6 @@ def load_embedded_backbone(path: str | os.PathLike | None = None) -> Dinov2Model
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(
             f"no embedded backbone weights at {path}/model.safetensors; regenerate them with "
-            f"`python -m fit3d_hf.embedded --output {path}`"
+            f"`fit3d pretrain_embedded --output {path}`"
         )
     return load_backbone(str(path), dtype=torch.float32).eval()
-
-
-@dataclass
-class EmbeddedArguments:
-    output: str = field(
-        default=str(EMBEDDED_BACKBONE_DIR), metadata={"help": "Folder to write the backbone into (replaced atomically)."}
-    )
-    threads: int = field(default=0, metadata={"help": "torch threads (0 = torch's default)."})
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .commands import parse_args
-
-    args, config = parse_args(
-        (EmbeddedArguments, EmbeddedPretrainConfig),
-        argv,
-        prog="python -m fit3d_hf.embedded",
-        description="Pre-train the embedded backbone (SimMIM on the package's synthetic rooms, CPU) and save it.",
-    )
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = pretrain_embedded_backbone(config)
-    path = save_embedded_backbone(result, config, args.output)
-    size_mb = (path / "model.safetensors").stat().st_size / 1e6
-    print(f"saved {path} ({size_mb:.1f} MB) after {result.seconds:.0f} s; loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -69,11 +69,6 @@ def bytes_per_view(hidden_size: int, grid_height: int, grid_width: int) -> int:
     return 2 * hidden_size * grid_height * grid_width + grid_height * grid_width + 4 * (9 + 16)
 
 
-def default_image_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
-    """Each side rounded to the nearest multiple of the patch size, as lifting feeds the backbone."""
-    return (max(patch_size, round(height / patch_size) * patch_size), max(patch_size, round(width / patch_size) * patch_size))
-
-
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear, antialiased resize of images [B, 3, H, W] to `size` (H', W')."""
     if tuple(image.shape[-2:]) == tuple(size):
@@ -261,7 +256,7 @@ def render_targets(
         if scene.scene_id in scene_ids:
             raise ValueError(f"scene_id {scene.scene_id!r} appears twice")
         scene_ids.append(scene.scene_id)
-        size = tuple(image_size) if image_size else default_image_size(scene.height, scene.width, patch_size)
+        size = tuple(image_size) if image_size else backbones.input_size(scene.height, scene.width, patch_size, rule="nearest")
         if size[0] % patch_size or size[1] % patch_size:
             raise ValueError(f"image_size {size} is not a multiple of the patch size {patch_size}")
         scene_grid = (size[0] // patch_size, size[1] // patch_size)

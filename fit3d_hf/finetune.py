@@ -12,7 +12,6 @@ configures it. Checkpoints are `accelerator.save_state` folders
 `<output_dir>/checkpoints/step_<N>/`, written under a temporary name and renamed when complete.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -161,15 +160,6 @@ class FeatureMapHead(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return backbones.extract_features(self.backbone, pixel_values).feature_maps
-
-
-def weights_checksum(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's state dict (names, dtypes and bytes): equal iff the weights are identical."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -323,7 +313,7 @@ def finetune(
     progress.close()
 
     accelerator.wait_for_everyone()
-    rank_checksums = gather_object([weights_checksum(accelerator.unwrap_model(student).backbone)])
+    rank_checksums = gather_object([backbones.weights_checksum(accelerator.unwrap_model(student).backbone)])
     if len(set(rank_checksums)) != 1:
         raise RuntimeError(f"processes ended with different weights (checksums {rank_checksums}); DDP did not synchronise")
     accelerator.end_training()

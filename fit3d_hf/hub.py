@@ -20,13 +20,13 @@ Results JSON (written by `probes.benchmark.write_report`):
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
 from . import __version__
+from .io import atomic_write_text
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"
 DEFAULT_TEMPLATE = "fit3d_template"
@@ -147,19 +147,6 @@ def eval_results_from(results: dict, source: str | None = None) -> list[EvalResu
             )
         )
     return entries
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_model_card(

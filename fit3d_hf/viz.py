@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from .io import atomic_write  # noqa: E402
+
 # Distinct colours for cluster ids (matplotlib's tab10, then tab20's light shades).
 _CLUSTER_COLORS = torch.tensor(plt.get_cmap("tab10").colors + plt.get_cmap("tab20").colors[1::2])
 
@@ -85,13 +87,10 @@ def cluster_rgb(feature_maps: torch.Tensor, k: int = 6, seed: int = 0) -> torch.
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
     """Save a figure as PNG atomically (temp name, then rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def feature_figure(

@@ -68,7 +68,7 @@ def test_pretraining_lowers_the_masked_patch_loss(tmp_path):
 
 
 def test_missing_weights_name_the_command_that_makes_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m fit3d_hf.embedded --output"):
+    with pytest.raises(FileNotFoundError, match="fit3d pretrain_embedded --output"):
         load_embedded_backbone(tmp_path)
 
 

@@ -11,9 +11,10 @@ from transformers import AutoImageProcessor
 
 from fit3d_hf import FiT3DModel, backbones, hub
 from fit3d_hf import finetune as finetune_module
+from fit3d_hf.backbones import weights_checksum
 from fit3d_hf.commands import finetune as finetune_command
 from fit3d_hf.features_dataset import load_targets, render_targets
-from fit3d_hf.finetune import FinetuneConfig, finetune, masked_l1, random_hflip, weights_checksum
+from fit3d_hf.finetune import FinetuneConfig, finetune, masked_l1, random_hflip
 from fit3d_hf.scenes import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fit3d_hf.commands import parse_args
+from fit3d_hf.io import atomic_write_json
 
 DESCRIPTION = """Run the whole FiT3D pipeline on synthetic rooms and show what it achieved.
 
@@ -139,14 +140,8 @@ def prepare_run_folder(args: DemoArguments, backbone_name: str) -> Path:
             )
         return out
     out.mkdir(parents=True, exist_ok=True)
-    write_json(record, {"settings": settings, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    atomic_write_json(record, {"settings": settings, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     return out
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 def room_seeds(args: DemoArguments) -> dict[str, list[int]]:
@@ -281,7 +276,7 @@ def make_pictures(out: Path, test_scene, lift_reports: list[dict], backbone_name
     model = FiT3DModel.from_pretrained(out / "model").eval()
     views = test_scene.images(list(range(0, test_scene.num_views, max(1, test_scene.num_views // 3)))[:3])
     patch = backbones.patch_size_of(model.config)
-    size = (views.shape[-2] // patch * patch, views.shape[-1] // patch * patch)
+    size = backbones.input_size(*views.shape[-2:], patch)
     views = torch.nn.functional.interpolate(views, size=size, mode="bilinear", align_corners=False, antialias=True)
     with torch.no_grad():
         output = model(backbones.normalize(views, model.config))
@@ -318,14 +313,14 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args((DemoArguments,), argv, prog="fit3d demo", description=DESCRIPTION)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from fit3d_hf.backbone_specs import load_backbone_spec
     from fit3d_hf.commands.lift import summary_table
-    from fit3d_hf.commands.scene_args import build_named_backbone
     from fit3d_hf.features_dataset import render_targets
     from fit3d_hf.hub import write_model_card
     from fit3d_hf.splatting.lift import LiftConfig, lift_scenes
 
     started = time.perf_counter()
-    backbone, backbone_name = build_named_backbone(args.backbone, args.seed)
+    backbone, backbone_name = load_backbone_spec(args.backbone, args.seed)
     backbone.requires_grad_(False).eval()
     out = prepare_run_folder(args, backbone_name)
     print(f"fit3d demo: backbone {backbone_name}; run folder {out}/")
@@ -338,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     t = stage(1, "scenes")
     seeds = room_seeds(args)
     scenes = make_scenes(args, seeds["finetune"])
-    write_json(out / "scenes.json", {split: [f"room_{seed:04d}" for seed in group] for split, group in seeds.items()})
+    atomic_write_json(out / "scenes.json", {split: [f"room_{seed:04d}" for seed in group] for split, group in seeds.items()})
     timings["scenes"] = time.perf_counter() - t
 
     t = stage(2, f"lift {args.num_train_scenes} rooms ({args.lift_iterations} steps each, CPU preset)")
@@ -433,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
         ]
     )
     (out / "summary.md").write_text(summary + "\n")
-    write_json(out / "timings.json", timings)
+    atomic_write_json(out / "timings.json", timings)
     print(summary)
     print("\nWritten:")
     for label, path in (

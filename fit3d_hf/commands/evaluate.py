@@ -81,10 +81,10 @@ def build_sources(args: EvaluateArguments) -> tuple[dict, dict, dict]:
     import torch
 
     from fit3d_hf import FiT3DModel, backbones
-    from fit3d_hf.commands.scene_args import build_named_backbone
+    from fit3d_hf.backbone_specs import load_backbone_spec
 
     model = FiT3DModel.from_pretrained(args.model)
-    original, baseline_name = build_named_backbone(args.baseline, args.control_seed) if args.baseline else (model.original, None)
+    original, baseline_name = load_backbone_spec(args.baseline, args.control_seed) if args.baseline else (model.original, None)
     sources = {"original": original, "fit3d": model}
     roles = {"original": "baseline", "fit3d": "fit3d"}
     descriptions = {

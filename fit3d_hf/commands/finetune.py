@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None):
     from accelerate import PartialState
 
     from fit3d_hf import FiT3DModel, hub
-    from fit3d_hf.commands.scene_args import build_named_backbone
+    from fit3d_hf.backbone_specs import load_backbone_spec
     from fit3d_hf.features_dataset import load_targets, targets_metadata
     from fit3d_hf.finetune import finetune, save_finetuned
 
     dataset = load_targets(args.dataset)
-    backbone, backbone_name = build_named_backbone(args.backbone, config.seed)
+    backbone, backbone_name = load_backbone_spec(args.backbone, config.seed)
     model = FiT3DModel.from_backbone(backbone, assembly="concat")
     result = finetune(model, dataset, config, args.output_dir, resume_from_checkpoint=args.resume_from_checkpoint)
     if not PartialState().is_main_process:

@@ -17,8 +17,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from fit3d_hf.backbone_specs import load_backbone_spec
 from fit3d_hf.commands import parse_args
-from fit3d_hf.commands.scene_args import SceneArguments, build_named_backbone, scene_loaders
+from fit3d_hf.commands.scene_args import SceneArguments, scenes_of
 from fit3d_hf.splatting.lift import LiftConfig, lift_scenes
 
 
@@ -50,13 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    loaders = scene_loaders(scene_args)
-    if not loaders:
+    scenes = scenes_of(scene_args)
+    if not scenes:
         sys.exit("fit3d lift: no scenes given: pass --scenes FOLDER ... and/or --synthetic_rooms N")
-    backbone, backbone_name = build_named_backbone(scene_args.backbone, scene_args.seed)
+    backbone, backbone_name = load_backbone_spec(scene_args.backbone, scene_args.seed)
     backbone.to(accelerator.device).requires_grad_(False)
     reports = lift_scenes(
-        loaders, backbone, config, output_dir=args.output_dir, seed=scene_args.seed, backbone_name=backbone_name,
+        {scene.scene_id: (lambda scene=scene: scene) for scene in scenes}, backbone, config, output_dir=args.output_dir, seed=scene_args.seed, backbone_name=backbone_name,
         process_index=accelerator.process_index, num_processes=accelerator.num_processes,
     )  # fmt: skip
     reports = gather_object(reports)

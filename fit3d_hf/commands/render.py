@@ -5,8 +5,9 @@ from typing import Literal
 
 import torch
 
+from fit3d_hf.backbone_specs import load_backbone_spec
 from fit3d_hf.commands import parse_args
-from fit3d_hf.commands.scene_args import SceneArguments, build_named_backbone, scene_loaders
+from fit3d_hf.commands.scene_args import SceneArguments, scenes_of
 
 DESCRIPTION = """Render the fine-tuning targets of Stage II into a `datasets` dataset.
 
@@ -50,14 +51,13 @@ def main(argv: list[str] | None = None):
 
     if (args.image_height is None) != (args.image_width is None):
         raise SystemExit("fit3d render: give both --image_height and --image_width, or neither")
-    loaders = scene_loaders(scene_args)
-    if not loaders:
+    scenes = scenes_of(scene_args)
+    if not scenes:
         raise SystemExit("fit3d render: no scenes; pass --scenes FOLDER ... and/or --synthetic_rooms N (as for `fit3d lift`)")
-    backbone, backbone_name = build_named_backbone(scene_args.backbone, scene_args.seed)
-    backbone.config._name_or_path = backbone_name  # recorded in the dataset's metadata
+    backbone, _ = load_backbone_spec(scene_args.backbone, scene_args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dataset = render_targets(
-        (load() for load in loaders.values()),
+        scenes,
         backbone,
         args.output_dir,
         gaussians_dir=args.gaussians_dir,

@@ -1,9 +1,8 @@
 """Scene and backbone options shared by `fit3d lift` and `fit3d render`, so both see the same scenes."""
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
+from fit3d_hf.backbone_specs import BACKBONE_SPEC_HELP
 
 
 @dataclass
@@ -22,49 +21,24 @@ class SceneArguments:
     skip_missing: bool = field(default=False, metadata={"help": "Go on without frames whose image file is missing (reported)."})
     backbone: str = field(
         default="embedded",
-        metadata={
-            "help": "Backbone: 'embedded' (the package's small pre-trained ViT), 'tiny:<family>' or "
-            "'random:<preset>' (randomly initialised, seeded by --seed), or a local transformers model folder."
-        },
+        metadata={"help": BACKBONE_SPEC_HELP},
     )
     seed: int = field(
         default=0, metadata={"help": "Seed of the lifting and of a random backbone (use one value for every stage)."}
     )
 
 
-def build_named_backbone(name: str, seed: int) -> tuple[torch.nn.Module, str]:
-    """Resolve `--backbone` into a model and the name recorded in every artifact."""
-    from fit3d_hf import backbones
+def scenes_of(args: SceneArguments) -> list:
+    """The scenes the arguments name (`fit3d_hf.scenes.load_scenes`)."""
+    from fit3d_hf.scenes import load_scenes
 
-    if name == "embedded":
-        from fit3d_hf.embedded import EMBEDDED_BACKBONE_NAME, load_embedded_backbone
-
-        return load_embedded_backbone(), EMBEDDED_BACKBONE_NAME
-    kind, _, value = name.partition(":")
-    if kind in ("tiny", "random") and value:
-        config = backbones.tiny_config(value) if kind == "tiny" else backbones.preset_config(value)
-        # Every process must build the same random weights.
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = backbones.build_backbone(config)
-        return model, f"{name} (random init, seed {seed})"
-    return backbones.load_backbone(name), name
-
-
-def scene_loaders(args: SceneArguments) -> dict:
-    """scene id → loader, for the scene folders and the procedural rooms (nothing is loaded yet)."""
-    from fit3d_hf.scenes import load_scene, sanitize_scene_id
-    from fit3d_hf.scenes.synthetic import make_room
-
-    loaders = {}
-    for path in map(Path, args.scenes):
-        # Named after the capture folder (the parent of a transforms .json file).
-        scene_id = sanitize_scene_id((path.parent if path.is_file() else path).resolve().name)
-        loaders[scene_id] = lambda path=path, scene_id=scene_id: load_scene(
-            path, downscale=args.downscale, skip_missing=args.skip_missing, scene_id=scene_id
-        )
-    for seed in range(args.synthetic_seed, args.synthetic_seed + args.synthetic_rooms):
-        loaders[f"room_{seed:04d}"] = lambda seed=seed: make_room(
-            seed, num_views=args.synthetic_views, height=args.synthetic_height, width=args.synthetic_width
-        )
-    return loaders
+    return load_scenes(
+        args.scenes,
+        downscale=args.downscale,
+        skip_missing=args.skip_missing,
+        synthetic_rooms=args.synthetic_rooms,
+        synthetic_seed=args.synthetic_seed,
+        synthetic_views=args.synthetic_views,
+        synthetic_height=args.synthetic_height,
+        synthetic_width=args.synthetic_width,
+    )

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .. import __version__, backbones
-from ..hub import atomic_write_text, results_table
+from ..hub import results_table
+from ..io import atomic_write, atomic_write_json, atomic_write_text
 from .correspondence import correspondence_recall, view_pairs
 from .datasets import EvalDataset, from_scenes
 from .metrics import DEPTH_HIGHER_IS_BETTER, DEPTH_KEYS, DepthMetrics, MeanIoU
@@ -150,7 +151,7 @@ def input_size(source: FeatureSource, config: BenchmarkConfig) -> tuple[int, int
         patch = math.lcm(patch, backbones.patch_size_of(model.config))
     if config.image_height < patch or config.image_width < patch:
         raise ValueError(f"image size {config.image_height}x{config.image_width} is smaller than the patch size {patch}")
-    return config.image_height // patch * patch, config.image_width // patch * patch
+    return backbones.input_size(config.image_height, config.image_width, patch)
 
 
 def describe_source(source: FeatureSource, config: BenchmarkConfig) -> dict:
@@ -174,17 +175,6 @@ def describe_source(source: FeatureSource, config: BenchmarkConfig) -> dict:
         "combination": "concat" if len(models) > 1 else "single",
         "input_size": list(input_size(source, config)),
     }
-
-
-def _weights_checksum(source: FeatureSource) -> str:
-    """A checksum of a source's weights (class, names, shapes, sums): part of every cache key."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for model in _models(source):
-            digest.update(type(model).__name__.encode())
-            for name, param in model.state_dict().items():
-                digest.update(f"{name}{tuple(param.shape)}{float(param.double().sum()):.10e}".encode())
-    return digest.hexdigest()
 
 
 def _cache_key(*parts) -> str:
@@ -248,10 +238,7 @@ def _cached(path: Path | None, compute):
         return load_file(path)
     value = compute()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write the same cache
-        save_file({k: v.contiguous() for k, v in value.items()}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in value.items()}, str(tmp)))
     return value
 
 
@@ -323,7 +310,7 @@ def run_benchmark(
     for name in names:
         source, size = sources[name], input_size(sources[name], config)
         show = config.progress and accelerator.is_main_process
-        weights = _weights_checksum(source) if cache else ""
+        weights = backbones.weights_checksum(*_models(source)) if cache else ""
         features = {}
         for split, data in (("train", train_data), ("test", test_data)):
             if not probe_tasks:
@@ -378,7 +365,7 @@ def run_benchmark(
                     scores = _score(head, task, features["test"], feature_key, cls_key, test_data)
                     if run_path is not None and accelerator.is_main_process:
                         run_path.parent.mkdir(parents=True, exist_ok=True)
-                        atomic_write_text(run_path, json.dumps(scores))
+                        atomic_write_json(run_path, scores, indent=None)
                 for metric, value in scores.items():
                     per_seed.setdefault(metric, []).append(value)
             for metric, values in per_seed.items():
@@ -518,7 +505,7 @@ def write_report(results: dict, output_dir: str | os.PathLike) -> tuple[Path, Pa
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = output_dir / "results.json", output_dir / "results.md"
-    atomic_write_text(json_path, json.dumps(results, indent=2))
+    atomic_write_json(json_path, results)
     protocol = results["protocol"]
     lines = [
         "# Probe benchmark: baseline vs FiT3D",

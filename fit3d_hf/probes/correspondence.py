@@ -12,6 +12,8 @@ consistently across views score higher.
 import torch
 import torch.nn.functional as F
 
+from ..scenes.geometry import project, unproject
+
 
 def patch_centers(grid: tuple[int, int], height: int, width: int) -> torch.Tensor:
     """Pixel coordinates (x, y) `[h*w, 2]` of the patch centres of an `h × w` grid laid over
@@ -50,15 +52,8 @@ def ground_truth_correspondences(
     centers = patch_centers(grid, height, width)
     px = centers.long()
     z = depth_a[px[:, 1], px[:, 0]].double()
-    ones = torch.ones_like(z)
-    rays = torch.linalg.inv(intrinsics_a.double()) @ torch.stack([centers[:, 0].double(), centers[:, 1].double(), ones])
-    points_cam = rays * z  # [3, P]
-    camera_to_world_a = torch.linalg.inv(world_to_camera_a.double())
-    points = camera_to_world_a[:3, :3] @ points_cam + camera_to_world_a[:3, 3:]
-    in_b = world_to_camera_b.double()[:3, :3] @ points + world_to_camera_b.double()[:3, 3:]
-    projected = intrinsics_b.double() @ in_b
-    z_b = projected[2]
-    xy = (projected[:2] / z_b.clamp_min(1e-9)).T  # [P, 2]
+    points = unproject(centers.double(), z, intrinsics_a.double(), world_to_camera_a.double())
+    xy, z_b = project(points, intrinsics_b.double(), world_to_camera_b.double())  # [P, 2], [P]
     inside = (z > 0) & (z_b > 1e-6) & (xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)
     seen = torch.zeros_like(inside)
     idx = inside.nonzero().squeeze(1)

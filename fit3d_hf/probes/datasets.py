@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+from ..scenes.images import IMAGE_SUFFIXES
 
 
 def _read_image(source) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Pinhole geometry in the scenes' conventions (OpenCV axes, pixel centres at +0.5, z-depth)."""
+"""Pinhole geometry in the scenes' conventions (OpenCV axes, pixel centres at +0.5, z-depth).
+
+The one place where points are projected into views and pixels lifted back to points; the
+rasterizer's projection of Gaussians (means and covariances, batched over cameras) is its own.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +25,18 @@ def backproject(depth_m: torch.Tensor, intrinsics: torch.Tensor, world_to_camera
     v, u = torch.meshgrid(
         torch.arange(height, dtype=depth_m.dtype) + 0.5, torch.arange(width, dtype=depth_m.dtype) + 0.5, indexing="ij"
     )
-    rays = torch.stack([u, v, torch.ones_like(u)], dim=-1) @ torch.linalg.inv(intrinsics).T
+    return unproject(torch.stack([u, v], dim=-1), depth_m, intrinsics, world_to_camera)
+
+
+def unproject(uv: torch.Tensor, z: torch.Tensor, intrinsics: torch.Tensor, world_to_camera: torch.Tensor) -> torch.Tensor:
+    """World points at pixel coordinates `uv [..., 2]` with z-depth `z [...]` (metres) in one view.
+
+    Returns:
+        [..., 3] world coordinates (the inverse of `project`).
+    """
+    rays = torch.cat([uv, torch.ones_like(uv[..., :1])], dim=-1) @ torch.linalg.inv(intrinsics).T
     camera_to_world = torch.linalg.inv(world_to_camera)
-    return (rays * depth_m[..., None]) @ camera_to_world[:3, :3].T + camera_to_world[:3, 3]
+    return (rays * z[..., None]) @ camera_to_world[:3, :3].T + camera_to_world[:3, 3]
 
 
 def project(points: torch.Tensor, intrinsics: torch.Tensor, world_to_camera: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

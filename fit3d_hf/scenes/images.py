@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+# File suffixes tried, in this order, for an image named without one.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+
 
 class SceneError(ValueError):
     """A scene on disk is missing files or holds inconsistent data; the message names file and frame."""

@@ -16,13 +16,12 @@ import numpy as np
 import torch
 
 from fit3d_hf.scenes.colmap import read_points3d_text
-from fit3d_hf.scenes.images import SceneError, image_size
+from fit3d_hf.scenes.images import IMAGE_SUFFIXES, SceneError, image_size
 from fit3d_hf.scenes.scene import Scene
 
 # OpenGL → OpenCV camera axes: flip y and z (right-multiplied onto camera-to-world).
 _GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
 _PERSPECTIVE_MODELS = {"OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "PERSPECTIVE"}
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".JPG", ".PNG")
 
 
 def camera_to_world_gl_to_world_to_camera(c2w_gl: torch.Tensor) -> torch.Tensor:
@@ -98,7 +97,7 @@ def _resolve(root: Path, file_path: str, fallback_root: Path) -> Path:
     extension (NeRF-synthetic style) get the first image suffix that exists."""
     for base in (root, fallback_root):
         path = base / file_path
-        candidates = [path] + ([path.with_suffix(s) for s in _IMAGE_SUFFIXES] if path.suffix == "" else [])
+        candidates = [path] + ([path.with_suffix(s) for s in IMAGE_SUFFIXES] if path.suffix == "" else [])
         for candidate in candidates:
             if candidate.is_file():
                 return candidate

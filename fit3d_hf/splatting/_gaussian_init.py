@@ -4,7 +4,8 @@ import math
 
 import torch
 
-SH_C0 = 0.28209479177387814
+from ..scenes.geometry import project
+from ._torch_backend import SH_C0
 
 
 def camera_extent(centers: torch.Tensor) -> float:
@@ -21,14 +22,10 @@ def visible_in_any_view(
     points: torch.Tensor, intrinsics: torch.Tensor, world_to_camera: torch.Tensor, width: int, height: int
 ) -> torch.Tensor:
     """`[P, 3]` points → `[P]` bool: in front of and inside the image of at least one camera."""
-    homogeneous = torch.cat([points, torch.ones_like(points[:, :1])], dim=-1)
     visible = torch.zeros(len(points), dtype=torch.bool, device=points.device)
     for K, w2c in zip(intrinsics, world_to_camera):
-        cam = homogeneous @ w2c.T
-        z = cam[:, 2]
-        uv = (cam[:, :3] @ K.T)[:, :2] / z.clamp_min(1e-6)[:, None]
-        inside = (z > 1e-3) & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
-        visible |= inside
+        uv, z = project(points, K, w2c)
+        visible |= (z > 1e-3) & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
     return visible
 
 

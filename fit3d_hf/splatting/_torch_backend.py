@@ -37,7 +37,8 @@ MAX_BLOCK = 1024
 MIN_STEP_ELEMENTS = 1 << 18  # when few tiles remain, longer blocks keep each step this large
 MAX_BLOCK_ELEMENTS = 1 << 20  # tiles × block × pixels evaluated at once (bounds temporary memory)
 
-_SH_C0 = 0.2820947917738781
+# Degree-0 real spherical harmonic, as in gsplat.
+SH_C0 = 0.28209479177387814
 _SH_C1 = 0.48860251190292
 
 
@@ -152,7 +153,7 @@ def spherical_harmonics(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
     Same basis, signs and constants as gsplat (Sloan, "Efficient Spherical Harmonic Evaluation", 2013).
     """
     x, y, z = torch.nn.functional.normalize(dirs, dim=-1).unbind(-1)
-    bases = [torch.full_like(x, _SH_C0)]
+    bases = [torch.full_like(x, SH_C0)]
     if degree >= 1:
         bases += [-_SH_C1 * y, _SH_C1 * z, -_SH_C1 * x]
     if degree >= 2:

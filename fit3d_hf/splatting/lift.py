@@ -38,7 +38,8 @@ from gsplat.strategy import DefaultStrategy
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..backbones import extract_features, normalize, patch_size_of
+from ..backbones import extract_features, input_size, normalize, patch_size_of
+from ..io import atomic_write, atomic_write_json
 from ._densify import refine_step
 from ._gaussian_init import camera_extent, initial_parameters, random_points_in_camera_bounds
 from ._ssim import ssim_map
@@ -219,7 +220,7 @@ class FeatureGaussians:
         """Write the safetensors file atomically (a temp name, then `os.replace`)."""
         tensors = {name: value.contiguous().cpu() for name, value in self.params.items()}
         tensors["decoder.weight"] = self.decoder_weight.contiguous().cpu()
-        _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=self.metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=self.metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "FeatureGaussians":
@@ -232,16 +233,6 @@ class FeatureGaussians:
             raise ValueError(f"{path}: not a feature-Gaussians file (format {metadata.get('format')!r}, expected {FORMAT!r})")
         tensors = load_file(str(path), device=str(device))
         return cls(tensors, tensors.pop("decoder.weight"), metadata)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _rasterize(
@@ -303,7 +294,7 @@ def _load_views(scene, indices: list[int], backbone: torch.nn.Module, render_dow
     """
     height, width = _render_size(scene, render_downscale)
     patch = patch_size_of(backbone.config)
-    input_size = (max(patch, round(scene.height / patch) * patch), max(patch, round(scene.width / patch) * patch))
+    size = input_size(scene.height, scene.width, patch, rule="nearest")
     device = next(backbone.parameters()).device
     images, masks, targets = [], [], []
     has_masks = any(scene.mask(i) is not None for i in indices)
@@ -314,7 +305,7 @@ def _load_views(scene, indices: list[int], backbone: torch.nn.Module, render_dow
             bad = [scene.view_names[i] for i, image in zip(chunk, full) if not torch.isfinite(image).all()]
             raise ValueError(f"scene {scene.scene_id!r}: images of views {bad} contain NaN/inf")
         pixel_values = normalize(
-            F.interpolate(full, size=input_size, mode="bilinear", antialias=True, align_corners=False), backbone.config
+            F.interpolate(full, size=size, mode="bilinear", antialias=True, align_corners=False), backbone.config
         )
         features = extract_features(backbone, pixel_values.to(device)).feature_maps
         targets.append(features.to("cpu", torch.float16))
@@ -523,7 +514,7 @@ def _save_checkpoint(
         "loss_history": torch.tensor(loss_history, dtype=torch.float64),
     }
     path = directory / f"step_{step:07d}.pt"
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in directory.glob("step_*.pt"):
         if old != path:
             old.unlink()
@@ -719,7 +710,7 @@ def lift_scene(
     }
     gaussians.save(output_dir / f"{scene.scene_id}.safetensors")
     # The JSON is written last: its presence marks the scene as finished.
-    _atomic_write(output_dir / f"{scene.scene_id}.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    atomic_write_json(output_dir / f"{scene.scene_id}.json", report)
     if not config.keep_checkpoints:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         if checkpoint_dir.parent.exists() and not any(checkpoint_dir.parent.iterdir()):
