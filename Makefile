@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export HF_EVALUATE_OFFLINE ?= 1
 
-.PHONY: demo test test-slow clean
+.PHONY: demo lint format test test-slow clean
 
 .venv/.installed: pyproject.toml
 	$(PY) -m venv .venv
@@ -25,7 +25,16 @@ export HF_EVALUATE_OFFLINE ?= 1
 demo: .venv/.installed
 	.venv/bin/fit3d demo $(ARGS)
 
-test: .venv-test/.installed
+# Formatting, lint and the import layering (pyproject.toml: [tool.ruff], [tool.importlinter]).
+lint: .venv-test/.installed
+	.venv-test/bin/ruff format --check .
+	.venv-test/bin/ruff check .
+
+format: .venv-test/.installed
+	.venv-test/bin/ruff format .
+	.venv-test/bin/ruff check --fix .
+
+test: lint
 	.venv-test/bin/python -m pytest -m "not slow and not cuda" -q $(ARGS)
 
 test-slow: .venv-test/.installed

@@ -124,6 +124,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_fresh_process_loads_with_trust_remote_code(tmp_path):
     model = tiny_model("clip", seed=4)
     model.save_pretrained(tmp_path / "model")
