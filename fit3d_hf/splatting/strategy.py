@@ -19,7 +19,7 @@ class CappedDefaultStrategy(DefaultStrategy):
     `refine_stop_iter` = 15k; reset opacities every `reset_every` = 3k steps. Two differences:
 
     - The opacity reset is implemented here, on 3DGS's schedule: at every step > 0 that is a
-      multiple of `reset_every`, while refining (before `refine_stop_iter`), opacities are clamped to
+      multiple of `reset_every` and before `refine_stop_iter`, opacities are clamped to
       `2 × prune_opa` and their Adam moments cleared (gsplat's `reset_opa`). gsplat 1.5.3 never
       resets: its `step_post_backward` tests `step % reset_every == 0 & step > 0`, a chained
       comparison that ends in `0 > 0` (fixed upstream in nerfstudio-project/gsplat#776). This class
