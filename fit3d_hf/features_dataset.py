@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fit3d_hf import backbones
-from fit3d_hf.splatting.lift import FeatureGaussians
+from fit3d_hf.lift import FeatureGaussians
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from fit3d_hf.features_dataset import (
     render_targets,
     targets_metadata,
 )
+from fit3d_hf.lift.gaussians import FORMAT, FeatureGaussians
 from fit3d_hf.scenes import synthetic
-from fit3d_hf.splatting.lift import FORMAT, FeatureGaussians
 
 PATCH = 8
 WIDTH = 32  # backbone width Cb of the tiny test backbone

@@ -1,4 +1,4 @@
-"""Stage I: lifting backbone features into feature Gaussians (fit3d_hf.splatting.lift)."""
+"""Stage I: lifting backbone features into feature Gaussians (fit3d_hf.lift)."""
 
 import json
 import math
@@ -11,22 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from gsplat.strategy import DefaultStrategy
 from safetensors.torch import load_file
 
 from fit3d_hf.backbones import build_backbone, tiny_config
-from fit3d_hf.scenes.synthetic import make_room
-from fit3d_hf.splatting import FeatureGaussians, LiftConfig, lift_scene, lift_scenes
-from fit3d_hf.splatting import lift as lift_module
-from fit3d_hf.splatting._densify import refine_step
-from fit3d_hf.splatting._gaussian_init import (
+from fit3d_hf.lift import FeatureGaussians, LiftConfig, lift_scene, lift_scenes
+from fit3d_hf.lift.config import CPU_PRESET
+from fit3d_hf.lift.initialization import (
     camera_extent,
     initial_parameters,
     knn_scale,
     random_points_in_camera_bounds,
     visible_in_any_view,
 )
-from fit3d_hf.splatting._ssim import ssim_map
+from fit3d_hf.lift.loop import _make_strategy, _means_lr
+from fit3d_hf.lift.losses import training_loss
+from fit3d_hf.lift.views import load_views
+from fit3d_hf.scenes.synthetic import make_room
+from fit3d_hf.splatting.ssim import ssim_map
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_STEPS = 24
@@ -78,21 +79,22 @@ def lifted(tmp_path_factory):
 
 def test_schedules_scale_with_the_iteration_count():
     config = LiftConfig(iterations=600)
-    strategy = lift_module._make_strategy(config)
+    strategy = _make_strategy(config)
     assert (strategy.refine_start_iter, strategy.refine_stop_iter) == (10, 300)
     assert (strategy.refine_every, strategy.reset_every) == (2, 60)
     assert config.scaled(config.sh_degree_every) == 20
-    official = lift_module._make_strategy(LiftConfig())
+    official = _make_strategy(LiftConfig())
     assert (official.refine_start_iter, official.refine_stop_iter, official.refine_every, official.reset_every) == (
         500,
         15_000,
         100,
         3_000,
     )
+    assert (official.max_gaussians, _make_strategy(LiftConfig.cpu_preset()).max_gaussians) == (0, 20_000)
     # The means' lr decays exponentially from 1.6e-4 to 1.6e-6 times the extent over the run.
-    assert lift_module._means_lr(0, config, 2.0) == pytest.approx(3.2e-4)
-    assert lift_module._means_lr(300, config, 2.0) == pytest.approx(3.2e-5)
-    assert lift_module._means_lr(600, config, 2.0) == pytest.approx(3.2e-6)
+    assert _means_lr(0, config, 2.0) == pytest.approx(3.2e-4)
+    assert _means_lr(300, config, 2.0) == pytest.approx(3.2e-5)
+    assert _means_lr(600, config, 2.0) == pytest.approx(3.2e-6)
 
 
 def test_config_rejects_bad_values():
@@ -113,13 +115,13 @@ def test_config_files_match_the_library_presets():
 
     cpu = parsed("lift_cpu.yaml")
     assert cpu == LiftConfig.cpu_preset()
-    assert all(type(getattr(cpu, k)) is type(getattr(LiftConfig(), k)) for k in lift_module.CPU_PRESET)
+    assert all(type(getattr(cpu, k)) is type(getattr(LiftConfig(), k)) for k in CPU_PRESET)
     gpu = parsed("lift_scannetpp_gpu.yaml")
     assert gpu == LiftConfig(backend="gsplat")
-    assert all(type(getattr(gpu, k)) is type(getattr(LiftConfig(), k)) for k in lift_module.CPU_PRESET)
+    assert all(type(getattr(gpu, k)) is type(getattr(LiftConfig(), k)) for k in CPU_PRESET)
 
 
-def test_ssim_map():
+def test_structural_similarity_map():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 40)
     assert torch.allclose(ssim_map(x, x), torch.ones_like(x), atol=1e-5)
@@ -154,67 +156,17 @@ def test_initial_gaussians_from_points_and_random():
     assert camera_extent(torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]])) == pytest.approx(1.1)
 
 
-def _toy_params(n: int, opacity: float) -> tuple[dict, dict]:
-    params = {
-        "means": torch.nn.Parameter(torch.randn(n, 3)),
-        "quats": torch.nn.Parameter(torch.randn(n, 4)),
-        "scales": torch.nn.Parameter(torch.full((n, 3), -3.0)),
-        "opacities": torch.nn.Parameter(torch.full((n,), math.log(opacity / (1 - opacity)))),
-    }
-    return params, {k: torch.optim.Adam([v], lr=1e-3, eps=1e-15) for k, v in params.items()}
-
-
-def _toy_info(n: int) -> dict:
-    means2d = torch.zeros(1, n, 2, requires_grad=True)
-    means2d.grad = torch.zeros(1, n, 2)
-    return {
-        "means2d": means2d,
-        "radii": torch.ones(1, n, 2, dtype=torch.int32),
-        "gaussian_ids": None,
-        "width": 64,
-        "height": 48,
-        "n_cameras": 1,
-    }
-
-
-def test_opacity_reset_works_around_gsplat_153_bug():
-    strategy = DefaultStrategy(refine_start_iter=1000, refine_stop_iter=2000, reset_every=10)
-    params, optimizers = _toy_params(8, opacity=0.9)
-    state = strategy.initialize_state()
-    # gsplat alone: `step % reset_every == 0 & step > 0` never fires (the 1.5.3 bug).
-    strategy.step_post_backward(params, optimizers, state, 10, _toy_info(8))
-    assert torch.sigmoid(params["opacities"]).min() > 0.89
-    refine_step(strategy, params, optimizers, state, 10, _toy_info(8), max_gaussians=0)
-    assert torch.sigmoid(params["opacities"]).max().item() == pytest.approx(2 * strategy.prune_opa, rel=1e-4)
-    # No reset after densification stopped, as in the official code.
-    params, optimizers = _toy_params(8, opacity=0.9)
-    refine_step(strategy, params, optimizers, strategy.initialize_state(), 2000, _toy_info(8), max_gaussians=0)
-    assert torch.sigmoid(params["opacities"]).min() > 0.89
-
-
-def test_cap_removes_the_least_opaque_gaussians():
-    strategy = DefaultStrategy(refine_start_iter=1000, reset_every=10_000)
-    params, optimizers = _toy_params(10, opacity=0.5)
-    with torch.no_grad():
-        params["opacities"][:] = torch.arange(10.0) - 5
-    state = strategy.initialize_state()
-    refine_step(strategy, params, optimizers, state, 3, _toy_info(10), max_gaussians=6)
-    assert len(params["means"]) == 6 and len(state["grad2d"]) == 6
-    assert sorted(params["opacities"].tolist()) == [-1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
-    assert optimizers["means"].param_groups[0]["params"][0] is params["means"]
-
-
 def test_feature_loss_never_moves_geometry():
     scene = tiny_room()
     backbone = tiny_backbone()
     config = tiny_config_for_tests(rgb_l1_weight=0.0, ssim_weight=0.0)
-    views = lift_module._load_views(scene, scene.train_views, backbone, 1)
+    views = load_views(scene, scene.train_views, backbone, 1)
     points = scene.points[:500]
     params = {k: torch.nn.Parameter(v) for k, v in initial_parameters(points, None, 3, 16, 0.5).items()}
     with torch.no_grad():
         params["features"].normal_()
     decoder = torch.nn.Parameter(torch.randn(32, 16, 3, 3) * 0.1)
-    loss, terms, _ = lift_module._losses(params, decoder, views, 0, 3, config)
+    loss, terms, _ = training_loss(params, decoder, views, 0, 3, config)
     assert terms["feature_l1"] > 0
     loss.backward()
     assert params["features"].grad.abs().sum() > 0 and decoder.grad.abs().sum() > 0
@@ -225,15 +177,15 @@ def test_feature_loss_never_moves_geometry():
 
 def test_masked_pixels_count_in_no_loss():
     scene = tiny_room()
-    views = lift_module._load_views(scene, scene.train_views[:1], tiny_backbone(), 1)
+    views = load_views(scene, scene.train_views[:1], tiny_backbone(), 1)
     params = {k: torch.nn.Parameter(v) for k, v in initial_parameters(scene.points[:500], None, 3, 16, 0.5).items()}
     decoder = torch.nn.Parameter(torch.randn(32, 16, 3, 3) * 0.1)
     views.masks = torch.ones(1, 1, scene.height, scene.width)
     views.masks[..., : scene.width // 2] = 0
     config = tiny_config_for_tests(feature_downscale=1)
-    before = lift_module._losses(params, decoder, views, 0, 0, config)[1]
+    before = training_loss(params, decoder, views, 0, 0, config)[1]
     views.images[..., : scene.width // 2] = 1 - views.images[..., : scene.width // 2]  # change only masked pixels
-    after = lift_module._losses(params, decoder, views, 0, 0, config)[1]
+    after = training_loss(params, decoder, views, 0, 0, config)[1]
     assert after["l1"].item() == pytest.approx(before["l1"].item(), rel=1e-5)
     # SSIM's 11×11 window reaches 5 pixels into the masked half: compare the L1 and feature terms only.
     assert after["feature_l1"].item() == pytest.approx(before["feature_l1"].item(), rel=1e-5)
@@ -338,17 +290,20 @@ def test_scene_without_usable_views_is_refused(tmp_path):
 
 
 def test_lift_scenes_splits_and_skips(tmp_path, lifted):
-    loaders = {f"room_{s:04d}": (lambda s=s: tiny_room(s)) for s in range(3)}
+    scenes = [tiny_room(s) for s in range(3)]
     config = tiny_config_for_tests(iterations=6)
     backbone = tiny_backbone()
-    first = lift_scenes(loaders, backbone, config, output_dir=tmp_path, process_index=0, num_processes=2)
-    second = lift_scenes(loaders, backbone, config, output_dir=tmp_path, process_index=1, num_processes=2)
+    first = lift_scenes(scenes, backbone, config, output_dir=tmp_path, process_index=0, num_processes=2)
+    second = lift_scenes(scenes, backbone, config, output_dir=tmp_path, process_index=1, num_processes=2)
     assert [r["scene_id"] for r in first] == ["room_0000", "room_0002"]
     assert [r["scene_id"] for r in second] == ["room_0001"]
-    again = lift_scenes(loaders, backbone, config, output_dir=tmp_path, process_index=0, num_processes=1)
+    assert {r["backbone"] for r in first + second} == {"dinov2"}  # backbone_specs.backbone_name of an unnamed model
+    again = lift_scenes(scenes, backbone, config, output_dir=tmp_path, process_index=0, num_processes=1)
     assert [r["status"] for r in again] == ["skipped"] * 3
     with pytest.raises(ValueError, match="lifted with backbone"):
-        lift_scenes(loaders, backbone, tiny_config_for_tests(iterations=6, feature_dim=8), output_dir=tmp_path)
+        lift_scenes(scenes, backbone, tiny_config_for_tests(iterations=6, feature_dim=8), output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"\['room_0001'\] appear more than once"):
+        lift_scenes([scenes[1], scenes[1]], backbone, config, output_dir=tmp_path / "other")
 
 
 def test_command_help_explains_itself(capsys):
@@ -368,6 +323,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_accelerate_two_cpu_processes_lift_every_scene_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [

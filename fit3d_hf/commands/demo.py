@@ -314,10 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from fit3d_hf.backbone_specs import load_backbone_spec
-    from fit3d_hf.commands.lift import summary_table
     from fit3d_hf.features_dataset import render_targets
     from fit3d_hf.hub import write_model_card
-    from fit3d_hf.splatting.lift import LiftConfig, lift_scenes
+    from fit3d_hf.lift import LiftConfig, lift_scenes, summary_table
 
     started = time.perf_counter()
     backbone, backbone_name = load_backbone_spec(args.backbone, args.seed)
@@ -340,10 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     lift_config = LiftConfig.cpu_preset(
         iterations=args.lift_iterations, max_gaussians=args.lift_max_gaussians, init_points=args.lift_init_points
     )
-    loaders = {scene.scene_id: (lambda scene=scene: scene) for scene in scenes}
-    lift_reports = lift_scenes(
-        loaders, backbone, lift_config, output_dir=out / "lifted", seed=args.seed, backbone_name=backbone_name
-    )
+    lift_reports = lift_scenes(scenes, backbone, lift_config, output_dir=out / "lifted", seed=args.seed)
     print(summary_table(lift_reports))
     timings["lift"] = time.perf_counter() - t
 

@@ -20,7 +20,7 @@ from accelerate.utils import gather_object
 from fit3d_hf.backbone_specs import load_backbone_spec
 from fit3d_hf.commands import parse_args
 from fit3d_hf.commands.scene_args import SceneArguments, scenes_of
-from fit3d_hf.splatting.lift import LiftConfig, lift_scenes
+from fit3d_hf.lift import LiftConfig, lift_scenes, summary_table
 
 
 @dataclass
@@ -28,21 +28,6 @@ class LiftArguments:
     """Where to write (scenes and backbone: `SceneArguments`; hyper-parameters: `LiftConfig`)."""
 
     output_dir: str = field(metadata={"help": "Folder for <scene_id>.safetensors / .json (and .checkpoints/ while running)."})
-
-
-def summary_table(reports: list[dict]) -> str:
-    """A markdown table with one row per scene."""
-    lines = [
-        "| scene | status | Gaussians | held-out PSNR (dB) | feature cosine | feature L1 | it/s | train time (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(reports, key=lambda r: r["scene_id"]):
-        m, its = r["metrics"], r["iterations_per_second"]
-        lines.append(
-            f"| {r['scene_id']} | {r['status']} | {r['num_gaussians']} | {m['psnr']:.2f} | {m['feature_cosine']:.3f} "
-            f"| {m['feature_l1']:.4f} | {'-' if its is None else f'{its:.2f}'} | {r['timings_s']['train']:.1f} |"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     backbone, backbone_name = load_backbone_spec(scene_args.backbone, scene_args.seed)
     backbone.to(accelerator.device).requires_grad_(False)
     reports = lift_scenes(
-        {scene.scene_id: (lambda scene=scene: scene) for scene in scenes}, backbone, config, output_dir=args.output_dir, seed=scene_args.seed, backbone_name=backbone_name,
+        scenes, backbone, config, output_dir=args.output_dir, seed=scene_args.seed,
         process_index=accelerator.process_index, num_processes=accelerator.num_processes,
     )  # fmt: skip
     reports = gather_object(reports)

@@ -1,6 +1,6 @@
-"""Gaussian splatting: a differentiable rasterizer (gsplat on CUDA, pure PyTorch elsewhere)."""
+"""Gaussian splatting: a differentiable rasterizer (gsplat on CUDA, pure PyTorch elsewhere) and densification."""
 
-from .lift import FeatureGaussians, LiftConfig, lift_scene, lift_scenes
 from .rasterize import rasterize
+from .strategy import CappedDefaultStrategy
 
-__all__ = ["FeatureGaussians", "LiftConfig", "lift_scene", "lift_scenes", "rasterize"]
+__all__ = ["CappedDefaultStrategy", "rasterize"]

@@ -5,7 +5,8 @@ import math
 import torch
 
 from ..scenes.geometry import project
-from ._torch_backend import SH_C0
+from ..scenes.scene import Scene
+from ..splatting._torch_backend import SH_C0
 
 
 def camera_extent(centers: torch.Tensor) -> float:
@@ -102,3 +103,20 @@ def initial_parameters(
     if sh_degree > 0:
         params["shN"] = torch.zeros(n, (sh_degree + 1) ** 2 - 1, 3).to(points)
     return params
+
+
+def initial_points(scene: Scene, num_points: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Where lifting starts: the scene's points, or random points in its camera bounds.
+
+    Returns:
+        points `[P, 3]` (a random subset of at most `num_points` scene points, in their order) and
+        their colours `[P, 3]` (None when the scene has none, or for random points).
+    """
+    if scene.points is not None and len(scene.points) > 0:
+        keep = torch.randperm(len(scene.points), generator=generator)[:num_points].sort().values
+        colors = None if scene.point_colors is None else scene.point_colors[keep]
+        return scene.points[keep], colors
+    points = random_points_in_camera_bounds(
+        num_points, scene.camera_centers, scene.intrinsics, scene.world_to_camera, scene.width, scene.height, generator
+    )
+    return points, None
