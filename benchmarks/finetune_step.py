@@ -22,8 +22,8 @@ import PIL.Image
 import torch
 
 from fit3d_hf import backbones
-from fit3d_hf.features_dataset import load_targets, schema
-from fit3d_hf.finetune import FeatureMapHead, collate_targets, masked_l1, random_hflip, training_dataset
+from fit3d_hf.finetune import FeatureMapHead, collate_targets, masked_l1, random_hflip
+from fit3d_hf.targets import load_targets, schema, training_dataset
 
 
 def write_random_targets(path: str, num_views: int, hidden_size: int, height: int, width: int, patch: int) -> None:

@@ -10,6 +10,13 @@ Only `FiT3DModel.finetuned` is trained; `FiT3DModel.original` stays frozen and i
 The same code runs on one CPU, several CPU processes (gloo) or GPUs, as `accelerate launch`
 configures it. Checkpoints are `accelerator.save_state` folders
 `<output_dir>/checkpoints/step_<N>/`, written under a temporary name and renamed when complete.
+
+One entry, with the arguments of `fit3d finetune`:
+
+    result = finetune("targets", "embedded", "fit3d-model", FinetuneConfig(max_steps=100))
+    # fit3d-model/: the FiT3DModel (save_pretrained), its image processor, fit3d_finetune.json
+
+The model card is not written here (`fit3d_hf.hub.write_model_card`, `hub.finetune_card_extra`).
 """
 
 import json
@@ -25,10 +32,13 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
-from transformers import ViTImageProcessorPil
+from transformers import PreTrainedModel
 
-from fit3d_hf import backbones, hub
-from fit3d_hf.features_dataset import TRAINING_COLUMNS, target_shape, targets_metadata
+from fit3d_hf import backbones
+from fit3d_hf.backbone_specs import backbone_name, load_backbone_spec
+from fit3d_hf.io import atomic_directory
+from fit3d_hf.modeling_fit3d import FiT3DModel
+from fit3d_hf.targets import load_targets, target_shape, targets_metadata, training_dataset
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -63,15 +73,25 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    """What `finetune` returns: the model (fine-tuned copy trained in place), the number of
-    optimizer steps taken, the logged `(step, loss)` pairs (all of them, also after a resume:
-    checkpoints carry the log) and a SHA-256 of the fine-tuned weights as held by each process
-    (they must all be equal)."""
+    """What `finetune` returns.
 
-    model: torch.nn.Module
+    Args:
+        model: the trained `FiT3DModel` (unwrapped, on the training device).
+        output_dir: the saved FiT3DModel folder.
+        global_step: optimizer steps taken.
+        losses: the logged `(step, loss)` pairs (all of them, also after a resume: checkpoints
+            carry the log).
+        rank_checksums: SHA-256 of the fine-tuned weights as held by each process (all equal).
+        training_info: what `fit3d_finetune.json` holds (dataset, its metadata, backbone name,
+            config, the fields above).
+    """
+
+    model: FiT3DModel
+    output_dir: Path
     global_step: int
     losses: list[tuple[int, float]]
     rank_checksums: list[str]
+    training_info: dict
 
 
 def masked_l1(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,7 +111,7 @@ def masked_l1(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
 
 
 def collate_targets(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack rows of a targets dataset formatted by `training_dataset` into a batch.
+    """Stack rows of a targets dataset formatted by `fit3d_hf.targets.training_dataset` into a batch.
 
     Returns:
         images [B, 3, H, W] float16 with values 0..255 (exact in float16), targets [B, Cb, h, w]
@@ -102,11 +122,6 @@ def collate_targets(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.
         "targets": torch.stack([example["target"] for example in examples]),
         "masks": torch.stack([example["mask"] for example in examples]),
     }
-
-
-def training_dataset(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The image/target/mask columns as torch float16 (no upcast of the targets)."""
-    return dataset.select_columns(TRAINING_COLUMNS).with_format("torch", dtype=torch.float16)
 
 
 def random_hflip(
@@ -195,26 +210,44 @@ def _flip_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 def finetune(
-    model: torch.nn.Module,
-    dataset: datasets.Dataset,
-    config: FinetuneConfig,
+    dataset: str | os.PathLike | datasets.Dataset,
+    backbone: str | PreTrainedModel,
     output_dir: str | os.PathLike,
+    config: FinetuneConfig | None = None,
     *,
     resume_from_checkpoint: str | os.PathLike | None = None,
 ) -> FinetuneResult:
-    """Train `model.finetuned` (a FiT3DModel's trainable copy) on a targets dataset.
+    """Fine-tune a copy of `backbone` on a targets dataset and save the FiT3DModel to `output_dir`.
 
     Args:
-        model: a `FiT3DModel` (`FiT3DModel.from_backbone(...)`); only `.finetuned` is updated.
-        dataset: rows with image, target [Cb, h, w] and mask [h, w] (`load_targets(...)`).
-        config: hyper-parameters.
-        output_dir: checkpoints go to `<output_dir>/checkpoints/step_<N>/` (and tracker logs here).
+        dataset: a folder written by `fit3d_hf.targets.render_targets`, a pushed folder or a Hub
+            dataset id (opened with `load_targets`), or a `datasets.Dataset` with the columns image,
+            target [Cb, h, w] and mask [h, w].
+        backbone: a `--backbone` spec (`fit3d_hf.backbone_specs.load_backbone_spec`; random weights
+            seeded by `config.seed`) or a transformers backbone of a FiT3D family. It is paired with
+            a trainable copy of itself (`FiT3DModel.from_backbone`, concat) and left unchanged.
+        output_dir: the FiT3DModel folder: `save_pretrained`, the image processor
+            (`backbones.make_image_processor`, as `fit3d convert` writes) and `fit3d_finetune.json`,
+            written atomically at the end. Checkpoints go to `<output_dir>/checkpoints/step_<N>/`
+            (and tracker logs here); these sub-folders are kept in the final folder.
+        config: hyper-parameters (default: the paper's, `FinetuneConfig()`).
         resume_from_checkpoint: a checkpoint folder, or "latest" for the newest one under
             `output_dir` (a fresh start when there is none).
 
     Returns:
-        `FinetuneResult`; the model is trained in place (unwrapped, on the training device).
+        `FinetuneResult`, on every process; only the main process writes `output_dir`.
     """
+    config = config or FinetuneConfig()
+    dataset_source = None if isinstance(dataset, datasets.Dataset) else str(dataset)
+    if dataset_source is not None:
+        dataset = load_targets(dataset_source)
+    if isinstance(backbone, FiT3DModel):
+        raise TypeError("backbone is a FiT3DModel; pass the backbone to fine-tune (e.g. its .finetuned) or a --backbone spec")
+    if isinstance(backbone, (str, os.PathLike)):
+        backbone, name = load_backbone_spec(str(backbone), config.seed)
+    else:
+        name = backbone_name(backbone)
+    model = FiT3DModel.from_backbone(backbone, assembly="concat")
     check_dataset(dataset, model.config)
     output_dir = Path(output_dir)
     log_with = None
@@ -316,45 +349,39 @@ def finetune(
     rank_checksums = gather_object([backbones.weights_checksum(accelerator.unwrap_model(student).backbone)])
     if len(set(rank_checksums)) != 1:
         raise RuntimeError(f"processes ended with different weights (checksums {rank_checksums}); DDP did not synchronise")
+    training_info = {
+        "dataset": dataset_source,
+        "dataset_metadata": targets_metadata(dataset),
+        "backbone": name,
+        "config": asdict(config),
+        "num_views": dataset.num_rows,
+        "global_step": global_step,
+        "num_processes": len(rank_checksums),
+        "rank_checksums": rank_checksums,
+        "losses": losses,
+    }
+    if accelerator.is_main_process:
+        _save_model(model, output_dir, training_info)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
-    return FinetuneResult(model=model, global_step=global_step, losses=losses, rank_checksums=rank_checksums)
+    return FinetuneResult(
+        model=model,
+        output_dir=output_dir,
+        global_step=global_step,
+        losses=losses,
+        rank_checksums=rank_checksums,
+        training_info=training_info,
+    )
 
 
-def image_processor_for(config, image_size: tuple[int, int]) -> ViTImageProcessorPil:
-    """The preprocessing the model was fine-tuned with: resize to `image_size` (H, W), bilinear,
-    scale to [0, 1] and normalise with the family's mean/std (`backbones.image_mean_std`)."""
-    mean, std = backbones.image_mean_std(config)
-    height, width = image_size
-    return ViTImageProcessorPil(size={"height": height, "width": width}, image_mean=list(mean), image_std=list(std))
-
-
-def save_finetuned(
-    model: torch.nn.Module,
-    output_dir: str | os.PathLike,
-    *,
-    image_size: tuple[int, int],
-    training_info: dict,
-    card_extra: dict | None = None,
-) -> Path:
-    """Write the whole FiT3DModel (`save_pretrained`), its image processor, `fit3d_finetune.json`
-    (`training_info`) and a model card into `output_dir`.
-
-    Everything is written to a temporary folder first and moved in file by file, weights last, so
-    a crash never leaves a folder whose config and weights disagree. Checkpoints already in
-    `output_dir/checkpoints` are kept.
-    """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = output_dir / ".final.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+def _save_model(model: FiT3DModel, output_dir: Path, training_info: dict) -> None:
+    """Write the FiT3DModel folder atomically. The sub-folders the run left in `output_dir`
+    (checkpoints, tracker logs) are carried into the new folder; files of an earlier save are replaced."""
+    with atomic_directory(output_dir, overwrite=True) as staging:
         model.save_pretrained(staging)
-        image_processor_for(model.config, image_size).save_pretrained(staging)
+        backbones.make_image_processor(model.config).save_pretrained(staging)
         (staging / TRAINING_INFO_FILE).write_text(json.dumps(training_info, indent=2))
-        hub.write_model_card(staging, extra={"model_name": output_dir.resolve().name, **(card_extra or {})})
-        for path in sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors"):
-            os.replace(path, output_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
+        if output_dir.is_dir():
+            for entry in output_dir.iterdir():
+                if entry.is_dir() and not (staging / entry.name).exists():
+                    os.replace(entry, staging / entry.name)

@@ -2,8 +2,8 @@
 
 The benchmark (`fit3d_hf.probes.benchmark`) writes a results JSON; this module turns it into
 a markdown table and into `huggingface_hub.EvalResult`s, renders `model_cards/<template>.md`
-into `<model_dir>/README.md`, and uploads folders. It imports no pipeline stage, so the
-fine-tuning loop can write a card at the end of training.
+into `<model_dir>/README.md`, and uploads folders: models, and targets datasets with their dataset
+card (`push_targets`). The stages write no cards: callers (the commands) write them after a stage.
 
 Results JSON (written by `probes.benchmark.write_report`):
 
@@ -20,13 +20,16 @@ Results JSON (written by `probes.benchmark.write_report`):
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import datasets
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
 from . import __version__
-from .io import atomic_write_text
+from .io import atomic_directory, atomic_write_text
+from .targets import METADATA_FILE, bytes_per_view, target_shape, targets_metadata
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"
 DEFAULT_TEMPLATE = "fit3d_template"
@@ -250,3 +253,94 @@ def push_to_hub(
         ignore_patterns=[".*", "*.tmp", "checkpoint*/**"],
     )
     return str(getattr(info, "commit_url", info))
+
+
+def base_model_of(backbone: str) -> str | None:
+    """The Hub id a `--backbone` spec names, for a card's `base_model`; None for a local folder or a
+    built-in spec ('embedded', 'tiny:...', 'random:...')."""
+    return backbone if "/" in backbone and not os.path.exists(backbone) else None
+
+
+def finetune_card_extra(training_info: dict, backbone: str | None = None) -> dict[str, Any]:
+    """`write_model_card` variables for a model written by `fit3d_hf.finetune.finetune`.
+
+    Args:
+        training_info: the run's `fit3d_finetune.json` (`FinetuneResult.training_info`).
+        backbone: the `--backbone` spec it was fine-tuned from; a Hub id becomes `base_model`.
+    """
+    config, losses = training_info["config"], training_info["losses"]
+    final_loss = losses[-1][1] if losses else None
+    dataset = f"`{training_info['dataset']}`" if training_info["dataset"] else "a `datasets.Dataset` given in Python"
+    extra: dict[str, Any] = {
+        "training": (
+            f"`{training_info['backbone']}` fine-tuned for {training_info['global_step']} steps on "
+            f"{training_info['num_views']} rendered views of {dataset} "
+            f"({training_info['num_processes']} process(es), batch {config['per_device_batch_size']} per process, AdamW lr "
+            f"{config['learning_rate']}, wd {config['weight_decay']}, grad clip {config['max_grad_norm']}, flip p "
+            f"{config['flip_probability']}); final masked-L1 loss {final_loss if final_loss is None else round(final_loss, 5)}. "
+            "Details in `fit3d_finetune.json`."
+        ),
+    }
+    base_model = base_model_of(backbone) if backbone else None
+    if base_model:
+        extra["base_model"] = base_model
+    return extra
+
+
+def export_for_hub(dataset_dir: str | os.PathLike, folder: str | os.PathLike, *, num_shards: int = 1) -> Path:
+    """Write the Hub layout of a saved targets dataset into `folder` (created atomically; it must
+    not hold files): `data/train-*.parquet` (self-contained: images embedded), `fit3d_targets.json`
+    and a dataset card `README.md`. `datasets.load_dataset(repo_id)` then reads it back with the
+    same features."""
+    dataset = datasets.load_from_disk(str(dataset_dir))
+    metadata = targets_metadata(dataset)
+    hidden_size, grid_height, grid_width = target_shape(dataset)
+    card = [
+        "---",
+        "tags: [fit3d, feature-distillation, 3d-aware-fine-tuning]",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        "  - split: train",
+        "    path: data/train-*.parquet",
+        "---",
+        "",
+        "# FiT3D fine-tuning targets",
+        "",
+        f"{dataset.num_rows} views; target float16 [{hidden_size}, {grid_height}, {grid_width}] per view "
+        f"({bytes_per_view(hidden_size, grid_height, grid_width) / 1e6:.2f} MB uncompressed), uint8 mask, "
+        "PNG image, cameras. Made with `fit3d render` (fit3d_hf); rendering details in `fit3d_targets.json`.",
+        "",
+        "```python",
+        "from fit3d_hf.targets import load_targets",
+        "dataset = load_targets(snapshot_download(repo_id, repo_type='dataset'))  # float16 kept",
+        "```",
+        "",
+        "```json",
+        json.dumps(metadata, indent=2),
+        "```",
+        "",
+    ]
+    with atomic_directory(folder) as staging:
+        (staging / "data").mkdir()
+        for index in range(num_shards):
+            shard = dataset.shard(num_shards=num_shards, index=index, contiguous=True)
+            shard.to_parquet(str(staging / "data" / f"train-{index:05d}-of-{num_shards:05d}.parquet"))
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        (staging / "README.md").write_text("\n".join(card))
+    return Path(folder)
+
+
+def push_targets(
+    dataset_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    num_shards: int = 1,
+) -> Path:
+    """Upload a saved targets dataset to the Hub as a dataset repo (parquet + card + metadata).
+    Returns the local folder that was uploaded (kept under a temporary directory)."""
+    folder = export_for_hub(dataset_dir, tempfile.mkdtemp(prefix="fit3d-targets-"), num_shards=num_shards)
+    push_to_hub(folder, repo_id, repo_type="dataset", private=private, token=token)
+    return folder

@@ -13,9 +13,9 @@ from fit3d_hf import FiT3DModel, backbones, hub
 from fit3d_hf import finetune as finetune_module
 from fit3d_hf.backbones import weights_checksum
 from fit3d_hf.commands import finetune as finetune_command
-from fit3d_hf.features_dataset import load_targets, render_targets
 from fit3d_hf.finetune import FinetuneConfig, finetune, masked_l1, random_hflip
 from fit3d_hf.scenes import synthetic
+from fit3d_hf.targets import load_targets, render_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = 8
@@ -82,22 +82,36 @@ def test_flip_is_joint():
         assert torch.equal(mixed[1][i], targets[i].flip(-1) if flipped_image else targets[i])
 
 
-def test_loss_decreases_and_only_the_copy_trains(tmp_path, targets_dir, backbone_dir):
-    model = FiT3DModel.from_backbone(str(backbone_dir))
-    original = weights_checksum(model.original)
-    result = finetune(model, load_targets(targets_dir), fast_config(num_epochs=4), tmp_path / "run")
+def test_loss_decreases_and_only_the_copy_trains(tmp_path, targets_dir):
+    backbone = tiny_backbone(seed=0)
+    original = weights_checksum(backbone)
+    # A datasets.Dataset and a backbone model, as Python callers pass them.
+    result = finetune(load_targets(targets_dir), backbone, tmp_path / "run", fast_config(num_epochs=4))
+    model = result.model
+    assert weights_checksum(backbone) == original  # the given backbone is copied, not trained
     losses = [loss for _, loss in result.losses]
     assert result.global_step == 16 and len(losses) == 16
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
     assert weights_checksum(model.original) == original
     assert weights_checksum(model.finetuned) != original
     assert result.rank_checksums == [weights_checksum(model.finetuned)]
+    # The saved folder holds the trained model, the image processor `fit3d convert` writes, and the run's record.
+    saved = FiT3DModel.from_pretrained(result.output_dir)
+    assert weights_checksum(saved.finetuned) == weights_checksum(model.finetuned)
+    assert weights_checksum(saved.original) == original
+    assert (
+        AutoImageProcessor.from_pretrained(result.output_dir).to_dict() == backbones.make_image_processor(model.config).to_dict()
+    )
+    info = json.loads((result.output_dir / finetune_module.TRAINING_INFO_FILE).read_text())
+    assert info == json.loads(json.dumps(result.training_info))
+    assert info["dataset"] is None and info["global_step"] == 16
+    assert not (result.output_dir / "README.md").exists()  # cards are the caller's (fit3d_hf.hub)
 
 
 def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path, targets_dir, backbone_dir, monkeypatch):
-    dataset = load_targets(targets_dir)
+    dataset = str(targets_dir)  # folders and specs, as the command passes them
     config = fast_config(max_steps=7, checkpointing_steps=3)  # 4 steps per epoch: resumes mid-epoch 0, crosses into 1
-    uninterrupted = finetune(FiT3DModel.from_backbone(str(backbone_dir)), dataset, config, tmp_path / "a")
+    uninterrupted = finetune(dataset, str(backbone_dir), tmp_path / "a", config)
     AcceleratorState._reset_state(reset_partial_state=True)
 
     calls = {"n": 0}
@@ -111,24 +125,24 @@ def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path, targets_di
 
     monkeypatch.setattr(finetune_module, "masked_l1", killed_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        finetune(FiT3DModel.from_backbone(str(backbone_dir)), dataset, config, tmp_path / "b")
+        finetune(dataset, str(backbone_dir), tmp_path / "b", config)
     monkeypatch.setattr(finetune_module, "masked_l1", real_loss)
     AcceleratorState._reset_state(reset_partial_state=True)
     checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert checkpoints == ["step_00000003"]  # nothing half-written
 
-    resumed = finetune(
-        FiT3DModel.from_backbone(str(backbone_dir)), dataset, config, tmp_path / "b", resume_from_checkpoint="latest"
-    )
+    resumed = finetune(dataset, str(backbone_dir), tmp_path / "b", config, resume_from_checkpoint="latest")
     assert resumed.global_step == 7
     assert weights_checksum(resumed.model.finetuned) == weights_checksum(uninterrupted.model.finetuned)
     assert resumed.losses == uninterrupted.losses  # the log before the kill comes from the checkpoint
+    # The final save keeps the checkpoints beside the model (a later run can still resume).
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert (tmp_path / "b" / "model.safetensors").is_file()
 
 
 def test_wrong_target_width_refused_before_training(tmp_path, targets_dir):
-    model = FiT3DModel.from_backbone(tiny_backbone(seed=0, hidden_size=48))
     with pytest.raises(ValueError, match=r"targets are 32-dimensional .* backbone is 48 wide"):
-        finetune(model, load_targets(targets_dir), fast_config(), tmp_path / "run")
+        finetune(targets_dir, tiny_backbone(seed=0, hidden_size=48), tmp_path / "run", fast_config())
     assert not (tmp_path / "run").exists()
 
 
@@ -170,6 +184,7 @@ def test_command_saves_model_processor_card_and_pushes(tmp_path, targets_dir, ba
     assert uploads and uploads[0]["repo_id"] == "me/fit3d-tiny" and Path(uploads[0]["folder_path"]) == out
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_hold_identical_weights(tmp_path, targets_dir, backbone_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [
@@ -207,6 +222,4 @@ def test_unavailable_tracker_refused(tmp_path, targets_dir, backbone_dir):
         name for name in ("wandb", "comet_ml", "aim", "mlflow", "clearml") if name not in map(str, get_available_trackers())
     )
     with pytest.raises(ValueError, match=f"--report_to '{missing}' is not installed"):
-        finetune(
-            FiT3DModel.from_backbone(str(backbone_dir)), load_targets(targets_dir), fast_config(report_to=missing), tmp_path / "r"
-        )
+        finetune(targets_dir, str(backbone_dir), tmp_path / "r", fast_config(report_to=missing))

@@ -1,7 +1,6 @@
 """`fit3d demo`: the whole FiT3D pipeline on procedural rooms, on a CPU, in minutes."""
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -170,7 +169,7 @@ def target_coverage(dataset_dir: Path) -> float:
     """Fraction of patch-grid cells whose target is valid (mask = 1) over a targets dataset."""
     from collections import Counter
 
-    from fit3d_hf.features_dataset import load_targets, targets_metadata
+    from fit3d_hf.targets import load_targets, targets_metadata
 
     dataset = load_targets(dataset_dir)
     # render_targets already measured each scene's valid fraction: weight it by the scene's views.
@@ -180,16 +179,21 @@ def target_coverage(dataset_dir: Path) -> float:
 
 
 def finetune_run(args: DemoArguments, dataset_dir: Path, output_dir: Path) -> None:
-    """Stage II with `fit3d finetune` (in-process), resuming from its latest checkpoint."""
-    from fit3d_hf.commands import finetune
+    """Stage II (`fit3d_hf.finetune.finetune`) and its model card, resuming from the latest checkpoint."""
+    from fit3d_hf.finetune import FinetuneConfig, finetune
+    from fit3d_hf.hub import finetune_card_extra, write_model_card
 
-    finetune.main([
-        "--dataset", str(dataset_dir), "--output_dir", str(output_dir), "--backbone", args.backbone,
-        "--learning_rate", str(args.learning_rate), "--max_steps", str(args.finetune_steps),
-        "--per_device_batch_size", str(args.finetune_batch_size), "--seed", str(args.seed),
-        "--checkpointing_steps", str(max(1, args.finetune_steps // 3)), "--checkpoints_total_limit", "1",
-        "--logging_steps", "5", "--resume_from_checkpoint", "latest",
-    ])  # fmt: skip
+    config = FinetuneConfig(
+        learning_rate=args.learning_rate,
+        max_steps=args.finetune_steps,
+        per_device_batch_size=args.finetune_batch_size,
+        seed=args.seed,
+        checkpointing_steps=max(1, args.finetune_steps // 3),
+        checkpoints_total_limit=1,
+        logging_steps=5,
+    )
+    result = finetune(dataset_dir, args.backbone, output_dir, config, resume_from_checkpoint="latest")
+    write_model_card(output_dir, extra=finetune_card_extra(result.training_info, backbone=args.backbone))
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
 
 
@@ -314,9 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from fit3d_hf.backbone_specs import load_backbone_spec
-    from fit3d_hf.features_dataset import render_targets
-    from fit3d_hf.hub import write_model_card
+    from fit3d_hf.hub import base_model_of, write_model_card
     from fit3d_hf.lift import LiftConfig, lift_scenes, summary_table
+    from fit3d_hf.targets import render_targets
 
     started = time.perf_counter()
     backbone, backbone_name = load_backbone_spec(args.backbone, args.seed)
@@ -391,8 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.finetune_batch_size}, AdamW lr {args.learning_rate} (10x the paper's, see DESIGN §8), on the rendered targets."
     )
     card_extra = {"model_name": f"fit3d-demo ({backbone_name})", "training": training, "limitations": limitations}
-    if "/" in args.backbone and not os.path.exists(args.backbone):
-        card_extra["base_model"] = args.backbone  # a Hub id
+    if base_model := base_model_of(args.backbone):
+        card_extra["base_model"] = base_model
     card = write_model_card(out / "model", eval_results_path=out / "eval" / "results.json", extra=card_extra)
     timings["card"] = time.perf_counter() - t
 

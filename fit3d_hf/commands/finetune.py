@@ -1,7 +1,6 @@
 """`fit3d finetune` / `accelerate launch recipes/finetune.py`: Stage II fine-tuning."""
 
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from fit3d_hf.commands import parse_args
 from fit3d_hf.finetune import FinetuneConfig
@@ -45,43 +44,13 @@ def main(argv: list[str] | None = None):
     args, config = parse_args((FinetuneArguments, FinetuneConfig), argv, prog="fit3d finetune", description=DESCRIPTION)
     from accelerate import PartialState
 
-    from fit3d_hf import FiT3DModel, hub
-    from fit3d_hf.backbone_specs import load_backbone_spec
-    from fit3d_hf.features_dataset import load_targets, targets_metadata
-    from fit3d_hf.finetune import finetune, save_finetuned
+    from fit3d_hf import hub
+    from fit3d_hf.finetune import finetune
 
-    dataset = load_targets(args.dataset)
-    backbone, backbone_name = load_backbone_spec(args.backbone, config.seed)
-    model = FiT3DModel.from_backbone(backbone, assembly="concat")
-    result = finetune(model, dataset, config, args.output_dir, resume_from_checkpoint=args.resume_from_checkpoint)
+    result = finetune(args.dataset, args.backbone, args.output_dir, config, resume_from_checkpoint=args.resume_from_checkpoint)
     if not PartialState().is_main_process:
         return result
-    image = dataset[0]["image"]
-    final_loss = result.losses[-1][1] if result.losses else None
-    training_info = {
-        "dataset": args.dataset,
-        "dataset_metadata": targets_metadata(dataset),
-        "backbone": backbone_name,
-        "config": asdict(config),
-        "num_views": dataset.num_rows,
-        "global_step": result.global_step,
-        "num_processes": len(result.rank_checksums),
-        "rank_checksums": result.rank_checksums,
-        "losses": result.losses,
-    }
-    card_extra = {
-        "training": (
-            f"`{backbone_name}` fine-tuned for {result.global_step} steps on {dataset.num_rows} rendered views of `{args.dataset}` "
-            f"({len(result.rank_checksums)} process(es), batch {config.per_device_batch_size} per process, AdamW lr "
-            f"{config.learning_rate}, wd {config.weight_decay}, grad clip {config.max_grad_norm}, flip p {config.flip_probability}); "
-            f"final masked-L1 loss {final_loss if final_loss is None else round(final_loss, 5)}. Details in `fit3d_finetune.json`."
-        ),
-    }
-    if "/" in args.backbone and not os.path.exists(args.backbone):
-        card_extra["base_model"] = args.backbone
-    save_finetuned(
-        result.model, args.output_dir, image_size=tuple(image.shape[-2:]), training_info=training_info, card_extra=card_extra
-    )
+    hub.write_model_card(args.output_dir, extra=hub.finetune_card_extra(result.training_info, backbone=args.backbone))
     print(f"saved the FiT3DModel to {args.output_dir}")
     if args.push_to_hub:
         print(hub.push_to_hub(args.output_dir, args.push_to_hub, private=args.private))

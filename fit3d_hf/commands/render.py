@@ -47,7 +47,8 @@ class RenderArguments:
 
 def main(argv: list[str] | None = None):
     args, scene_args = parse_args((RenderArguments, SceneArguments), argv, prog="fit3d render", description=DESCRIPTION)
-    from fit3d_hf.features_dataset import push_targets, render_targets
+    from fit3d_hf.hub import push_targets
+    from fit3d_hf.targets import render_targets
 
     if (args.image_height is None) != (args.image_width is None):
         raise SystemExit("fit3d render: give both --image_height and --image_width, or neither")

@@ -1,33 +1,10 @@
-"""Rendered-feature targets for Stage II, as a `datasets` dataset.
-
-The official FiT3D code renders every target on the fly at every step from all scenes'
-Gaussians held in RAM. Here each training view is rendered once:
-
-    lifted Gaussians --render--> features [D, Hr, Wr] --scene decoder--> [Cb, Hr, Wr]
-                     --bilinear--> target [Cb, h, w] at the backbone's patch grid
-
-and written, with the input image and a validity mask, into a dataset that can be saved,
-published and streamed by any number of training processes.
-
-Columns (see `schema`):
-    image            datasets.Image  RGB at the fine-tuning input size [H, W] (PNG)
-    target           float16 [Cb, h, w]  decoded render at the patch grid (h = H / patch)
-    mask             uint8 [h, w]        1 where the render covers the pixel (alpha >= 0.5)
-                                         and the scene mask (if any) says valid
-    scene_id         string
-    view_id          int32               index of the view in its scene
-    intrinsics       float32 [3, 3]      pinhole, for the stored image size
-    world_to_camera  float32 [4, 4]      OpenCV axes
-Dataset-level metadata (backbone, patch size, image size, D, how it was rendered) is a JSON
-object in `dataset.info.description` and in `fit3d_targets.json` inside the saved folder.
-"""
+"""`render_targets`: render every training view's fine-tuning target into a targets dataset."""
 
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -39,34 +16,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fit3d_hf import backbones
+from fit3d_hf.io import atomic_directory, atomic_write_json, remove_stale_temporaries, temporary_path
 from fit3d_hf.lift import FeatureGaussians
 
+from .load import load_targets
+from .schema import FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, bytes_per_view, schema
+
 logger = logging.getLogger(__name__)
-
-METADATA_FILE = "fit3d_targets.json"
-FORMAT_NAME = "fit3d-targets"
-FORMAT_VERSION = 1
-TRAINING_COLUMNS = ["image", "target", "mask"]
-
-
-def schema(hidden_size: int, grid_height: int, grid_width: int) -> datasets.Features:
-    """The dataset's columns for a backbone of width `hidden_size` (Cb) at patch grid h × w."""
-    return datasets.Features(
-        {
-            "image": datasets.Image(),
-            "target": datasets.Array3D((hidden_size, grid_height, grid_width), "float16"),
-            "mask": datasets.Array2D((grid_height, grid_width), "uint8"),
-            "scene_id": datasets.Value("string"),
-            "view_id": datasets.Value("int32"),
-            "intrinsics": datasets.Array2D((3, 3), "float32"),
-            "world_to_camera": datasets.Array2D((4, 4), "float32"),
-        }
-    )
-
-
-def bytes_per_view(hidden_size: int, grid_height: int, grid_width: int) -> int:
-    """Uncompressed bytes of one row's target + mask + cameras (the PNG image comes on top)."""
-    return 2 * hidden_size * grid_height * grid_width + grid_height * grid_width + 4 * (9 + 16)
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -99,51 +55,6 @@ def gaussian_blur(feature_maps: torch.Tensor, sigma: float) -> torch.Tensor:
         pad = (0, 0, radius, radius) if shape[2] > 1 else (radius, radius, 0, 0)
         out = F.conv2d(F.pad(out, pad, mode="reflect"), weight, groups=channels)
     return out
-
-
-def targets_metadata(dataset: datasets.Dataset) -> dict[str, Any]:
-    """The dataset-level metadata written by `render_targets` (empty dict for foreign datasets)."""
-    try:
-        metadata = json.loads(dataset.info.description or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return metadata if isinstance(metadata, dict) and metadata.get("format") == FORMAT_NAME else {}
-
-
-def target_shape(dataset: datasets.Dataset) -> tuple[int, int, int]:
-    """(Cb, h, w) of the `target` column, read from the dataset's features (any source)."""
-    feature = dataset.features.get("target")
-    if not isinstance(feature, datasets.Array3D):
-        raise ValueError(f"dataset has no Array3D 'target' column (columns: {list(dataset.features)})")
-    return tuple(feature.shape)
-
-
-def load_targets(path: str | os.PathLike) -> datasets.Dataset:
-    """Open a targets dataset: a folder written by `render_targets`, a folder pushed with
-    `push_targets` (parquet shards), or a Hub dataset id.
-
-    The training columns come back as torch float16 tensors (image [3, H, W] with values
-    0..255, target [Cb, h, w], mask [h, w]); `with_format("torch")` alone would upcast the
-    targets to float32 and double their memory. Other columns come back as Python values.
-    """
-    path = Path(path)
-    if (path / "state.json").exists():
-        dataset = datasets.load_from_disk(str(path))
-    elif path.is_dir() and any(path.glob("data/*.parquet")):
-        dataset = datasets.load_dataset("parquet", data_dir=str(path / "data"), split="train")
-        dataset = _attach_sidecar(dataset, path / METADATA_FILE)
-    elif path.exists():
-        raise FileNotFoundError(f"{path} is neither a saved dataset (no state.json) nor a pushed one (no data/*.parquet)")
-    else:
-        dataset = datasets.load_dataset(str(path), split="train")
-    target_shape(dataset)
-    return dataset.with_format("torch", columns=TRAINING_COLUMNS, dtype=torch.float16, output_all_columns=True)
-
-
-def _attach_sidecar(dataset: datasets.Dataset, sidecar: Path) -> datasets.Dataset:
-    if sidecar.exists():
-        dataset.info.description = sidecar.read_text()
-    return dataset
 
 
 def _settings_hash(settings: dict[str, Any]) -> str:
@@ -215,9 +126,9 @@ def render_targets(
         num_shards: arrow shards in the saved folder (default: datasets' 500 MB shards).
         device: where rendering and decoding run.
 
-    Scenes are rendered one at a time into per-scene parts under `<output_dir>.parts/`, so an
-    interrupted run resumes at the first missing scene; memory stays flat (one view at a time,
-    written by `Dataset.from_generator`).
+    Scenes are rendered one at a time into per-scene parts under `<output_dir>.parts/` (each
+    written atomically), so an interrupted run resumes at the first missing scene; memory stays
+    flat (one view at a time, written by `Dataset.from_generator`).
 
     Returns:
         The saved dataset, opened with `load_targets` (float16 kept).
@@ -235,6 +146,9 @@ def render_targets(
     backbone = backbone.to(device).eval()
     parts_dir = output_dir.with_name(output_dir.name + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
+    # What a killed run left half-written: its staged part and final folders.
+    remove_stale_temporaries(parts_dir)
+    remove_stale_temporaries(output_dir.parent)
 
     settings = {
         "target_source": target_source,
@@ -247,7 +161,7 @@ def render_targets(
     settings_file = parts_dir / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text())["hash"] != _settings_hash(settings):
         raise ValueError(f"{parts_dir} holds parts rendered with other settings; delete it to start over")
-    settings_file.write_text(json.dumps({"hash": _settings_hash(settings)}))
+    atomic_write_json(settings_file, {"hash": _settings_hash(settings)}, indent=None)
 
     scene_ids: list[str] = []
     feature_dims: dict[str, int] = {}
@@ -286,22 +200,21 @@ def render_targets(
         part = parts_dir / scene.scene_id
         if part.exists():
             continue
-        tmp_cache = Path(tempfile.mkdtemp(prefix=".cache-", dir=parts_dir))
+        # datasets' generator cache: scratch space, named so that remove_stale_temporaries finds it.
+        cache_dir = temporary_path(parts_dir / f"cache-{scene.scene_id}")
         try:
             part_dataset = datasets.Dataset.from_generator(
                 _view_rows,
                 gen_kwargs={"scene": scene, "views": view_list, "image_size": size, "grid": grid, "make_target": make_target},
                 features=schema(hidden_size, *grid),
-                cache_dir=str(tmp_cache),
+                cache_dir=str(cache_dir),
                 # An explicit fingerprint spares hashing the Gaussians in gen_kwargs.
                 fingerprint=f"{_settings_hash(settings)}-{scene.scene_id}",
             )
-            tmp_part = parts_dir / f".{scene.scene_id}.tmp"
-            shutil.rmtree(tmp_part, ignore_errors=True)
-            part_dataset.save_to_disk(str(tmp_part))
-            os.replace(tmp_part, part)
+            with atomic_directory(part) as staging:
+                part_dataset.save_to_disk(str(staging))
         finally:
-            shutil.rmtree(tmp_cache, ignore_errors=True)
+            shutil.rmtree(cache_dir, ignore_errors=True)
 
     if grid is None:
         raise ValueError("no scenes given")
@@ -343,16 +256,14 @@ def render_targets(
     metadata["valid_fraction"] = valid_fraction
     dataset = datasets.concatenate_datasets(parts)
     dataset.info.description = json.dumps(metadata)
-    tmp_out = output_dir.with_name(f".{output_dir.name}.tmp")
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    dataset.save_to_disk(str(tmp_out), num_shards=num_shards)
-    (tmp_out / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    os.replace(tmp_out, output_dir)
+    with atomic_directory(output_dir) as staging:
+        dataset.save_to_disk(str(staging), num_shards=num_shards)
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     shutil.rmtree(parts_dir)
     return load_targets(output_dir)
 
 
-def _lifted_target_fn(gaussians, scene, grid: tuple[int, int], render_scale: float, device):
+def _lifted_target_fn(gaussians: FeatureGaussians, scene, grid: tuple[int, int], render_scale: float, device):
     render_height = max(1, round(scene.height * render_scale))
     render_width = max(1, round(scene.width * render_scale))
 
@@ -378,63 +289,3 @@ def _single_view_target_fn(backbone: torch.nn.Module, grid: tuple[int, int], blu
         return gaussian_blur(feature_maps, blur_sigma)[0], torch.ones(grid, dtype=torch.bool, device=device)
 
     return make_target
-
-
-def export_for_hub(dataset_dir: str | os.PathLike, folder: str | os.PathLike, *, num_shards: int = 1) -> Path:
-    """Write the Hub layout of a saved targets dataset into `folder`: `data/train-*.parquet`
-    (self-contained: images embedded), `fit3d_targets.json` and a dataset card `README.md`.
-    `datasets.load_dataset(repo_id)` then reads it back with the same features."""
-    dataset = datasets.load_from_disk(str(dataset_dir))
-    metadata = targets_metadata(dataset)
-    folder = Path(folder)
-    (folder / "data").mkdir(parents=True, exist_ok=True)
-    for index in range(num_shards):
-        shard = dataset.shard(num_shards=num_shards, index=index, contiguous=True)
-        shard.to_parquet(str(folder / "data" / f"train-{index:05d}-of-{num_shards:05d}.parquet"))
-    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    hidden_size, grid_height, grid_width = target_shape(dataset)
-    card = [
-        "---",
-        "tags: [fit3d, feature-distillation, 3d-aware-fine-tuning]",
-        "configs:",
-        "- config_name: default",
-        "  data_files:",
-        "  - split: train",
-        "    path: data/train-*.parquet",
-        "---",
-        "",
-        "# FiT3D fine-tuning targets",
-        "",
-        f"{dataset.num_rows} views; target float16 [{hidden_size}, {grid_height}, {grid_width}] per view "
-        f"({bytes_per_view(hidden_size, grid_height, grid_width) / 1e6:.2f} MB uncompressed), uint8 mask, "
-        "PNG image, cameras. Made with `fit3d render` (fit3d_hf); rendering details in `fit3d_targets.json`.",
-        "",
-        "```python",
-        "from fit3d_hf.features_dataset import load_targets",
-        "dataset = load_targets(snapshot_download(repo_id, repo_type='dataset'))  # float16 kept",
-        "```",
-        "",
-        "```json",
-        json.dumps(metadata, indent=2),
-        "```",
-        "",
-    ]
-    (folder / "README.md").write_text("\n".join(card))
-    return folder
-
-
-def push_targets(
-    dataset_dir: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool = False,
-    token: str | None = None,
-    num_shards: int = 1,
-) -> Path:
-    """Upload a saved targets dataset to the Hub as a dataset repo (parquet + card + metadata).
-    Returns the local folder that was uploaded (kept under a temporary directory)."""
-    from fit3d_hf import hub
-
-    folder = export_for_hub(dataset_dir, tempfile.mkdtemp(prefix="fit3d-targets-"), num_shards=num_shards)
-    hub.push_to_hub(folder, repo_id, repo_type="dataset", private=private, token=token)
-    return folder

@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from fit3d_hf import backbones, hub
-from fit3d_hf.features_dataset import (
+from fit3d_hf.hub import push_targets
+from fit3d_hf.lift.gaussians import FORMAT, FeatureGaussians
+from fit3d_hf.scenes import synthetic
+from fit3d_hf.targets import (
     METADATA_FILE,
     bytes_per_view,
     gaussian_blur,
     load_targets,
-    push_targets,
     render_targets,
     targets_metadata,
 )
-from fit3d_hf.lift.gaussians import FORMAT, FeatureGaussians
-from fit3d_hf.scenes import synthetic
 
 PATCH = 8
 WIDTH = 32  # backbone width Cb of the tiny test backbone

@@ -1,0 +1,61 @@
+"""The targets dataset's columns and its dataset-level metadata.
+
+Columns (see `schema`):
+    image            datasets.Image  RGB at the fine-tuning input size [H, W] (PNG)
+    target           float16 [Cb, h, w]  decoded render at the patch grid (h = H / patch)
+    mask             uint8 [h, w]        1 where the render covers the pixel (alpha >= 0.5)
+                                         and the scene mask (if any) says valid
+    scene_id         string
+    view_id          int32               index of the view in its scene
+    intrinsics       float32 [3, 3]      pinhole, for the stored image size
+    world_to_camera  float32 [4, 4]      OpenCV axes
+Dataset-level metadata (backbone, patch size, image size, D, how it was rendered) is a JSON
+object in `dataset.info.description` and in `fit3d_targets.json` inside the saved folder.
+"""
+
+import json
+from typing import Any
+
+import datasets
+
+METADATA_FILE = "fit3d_targets.json"
+FORMAT_NAME = "fit3d-targets"
+FORMAT_VERSION = 1
+TRAINING_COLUMNS = ["image", "target", "mask"]
+
+
+def schema(hidden_size: int, grid_height: int, grid_width: int) -> datasets.Features:
+    """The dataset's columns for a backbone of width `hidden_size` (Cb) at patch grid h × w."""
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "target": datasets.Array3D((hidden_size, grid_height, grid_width), "float16"),
+            "mask": datasets.Array2D((grid_height, grid_width), "uint8"),
+            "scene_id": datasets.Value("string"),
+            "view_id": datasets.Value("int32"),
+            "intrinsics": datasets.Array2D((3, 3), "float32"),
+            "world_to_camera": datasets.Array2D((4, 4), "float32"),
+        }
+    )
+
+
+def bytes_per_view(hidden_size: int, grid_height: int, grid_width: int) -> int:
+    """Uncompressed bytes of one row's target + mask + cameras (the PNG image comes on top)."""
+    return 2 * hidden_size * grid_height * grid_width + grid_height * grid_width + 4 * (9 + 16)
+
+
+def targets_metadata(dataset: datasets.Dataset) -> dict[str, Any]:
+    """The dataset-level metadata written by `render_targets` (empty dict for foreign datasets)."""
+    try:
+        metadata = json.loads(dataset.info.description or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return metadata if isinstance(metadata, dict) and metadata.get("format") == FORMAT_NAME else {}
+
+
+def target_shape(dataset: datasets.Dataset) -> tuple[int, int, int]:
+    """(Cb, h, w) of the `target` column, read from the dataset's features (any source)."""
+    feature = dataset.features.get("target")
+    if not isinstance(feature, datasets.Array3D):
+        raise ValueError(f"dataset has no Array3D 'target' column (columns: {list(dataset.features)})")
+    return tuple(feature.shape)
