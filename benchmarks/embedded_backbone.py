@@ -1,7 +1,7 @@
 """Random-init vs SimMIM-pretrained embedded backbone, through the package's probe benchmark.
 
 DESIGN §7 asks to measure both before choosing what the demo ships. The frozen features of each
-candidate go through `fit3d_hf.probes.benchmark_on_scenes` with the synthetic CPU preset (96×128 input):
+candidate go through `fit3d_hf.evaluation.benchmark_on_scenes` with the synthetic CPU preset (96×128 input):
 segmentation and depth linear probes trained on `--probe_train_scenes` rooms and tested on
 `--test_scenes` unseen rooms over several probe seeds, plus multi-view correspondence recall.
 The random candidate has the shipped architecture (seed 0).
@@ -18,7 +18,7 @@ import torch
 from fit3d_hf.backbones import build_backbone
 from fit3d_hf.commands import parse_args
 from fit3d_hf.embedded import EmbeddedPretrainConfig, embedded_backbone_config, load_embedded_backbone
-from fit3d_hf.probes import BenchmarkConfig, benchmark_on_scenes, write_report
+from fit3d_hf.evaluation import BenchmarkConfig, benchmark_on_scenes, write_report
 from fit3d_hf.scenes.synthetic import make_rooms
 
 

@@ -1,21 +1,10 @@
-"""Publishing: benchmark tables, model cards with `model-index`, and uploads to the Hub.
+"""Publishing: model cards with `model-index`, and uploads to the Hub.
 
-The benchmark (`fit3d_hf.probes.benchmark`) writes a results JSON; this module turns it into
-a markdown table and into `huggingface_hub.EvalResult`s, renders `model_cards/<template>.md`
-into `<model_dir>/README.md`, and uploads folders: models, and targets datasets with their dataset
-card (`push_targets`). The stages write no cards: callers (the commands) write them after a stage.
-
-Results JSON (written by `probes.benchmark.write_report`):
-
-```
-{"fit3d_hf_version": "0.1.0",
- "protocol": {...resolution, iterations, assembly, normalisation, seeds...},
- "sources": {"original": {"role": "baseline", "description": "..."},
-             "fit3d": {"role": "fit3d", ...}, "blur_control": {"role": "control", ...}},
- "results": [{"dataset": "synthetic", "split": "test", "task": "segmentation",
-              "metric": "mean_iou", "source": "fit3d", "values": [0.51, 0.52, 0.5],
-              "mean": 0.51, "std": 0.008, "higher_is_better": true}, ...]}
-```
+The benchmark (`fit3d_hf.evaluation`) writes a results JSON (its format is described in
+`fit3d_hf.evaluation.report`); this module turns it into `huggingface_hub.EvalResult`s and the
+report's results table, renders `model_cards/<template>.md` into `<model_dir>/README.md`, and
+uploads folders: models, and targets datasets with their dataset card (`push_targets`). The stages
+write no cards: callers (the commands and the demo) write them after a stage.
 """
 
 import json
@@ -28,27 +17,13 @@ import datasets
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
 from . import __version__
+from .evaluation.report import METRIC_NAMES, results_table
 from .io import atomic_directory, atomic_write_text
 from .targets import METADATA_FILE, bytes_per_view, target_shape, targets_metadata
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"
 DEFAULT_TEMPLATE = "fit3d_template"
 
-# metric key in the results JSON -> (display name, model-index metric type)
-METRIC_NAMES = {
-    "mean_iou": ("mIoU", "mean_iou"),
-    "mean_accuracy": ("mean acc", "accuracy"),
-    "overall_accuracy": ("overall acc", "accuracy"),
-    "delta1": ("δ1", "delta1"),
-    "delta2": ("δ2", "delta2"),
-    "delta3": ("δ3", "delta3"),
-    "abs_rel": ("AbsRel", "abs_rel"),
-    "sq_rel": ("SqRel", "sq_rel"),
-    "rmse": ("RMSE", "rmse"),
-    "rmse_log": ("RMSE-log", "rmse_log"),
-    "log10": ("log10", "log10"),
-    "silog": ("SILog", "silog"),
-}
 TASK_TYPES = {
     "segmentation": ("image-segmentation", "Semantic segmentation (linear probe)"),
     "depth": ("depth-estimation", "Monocular depth (linear probe)"),
@@ -67,59 +42,6 @@ def load_results(path: str | os.PathLike) -> dict:
     if missing:
         raise ValueError(f"{path} is not a fit3d_hf benchmark results file: missing keys {missing}")
     return results
-
-
-def _ordered_sources(results: dict) -> list[str]:
-    order = {"baseline": 0, "fit3d": 1, "control": 2}
-    names = list(results["sources"])
-    return sorted(names, key=lambda n: (order.get(results["sources"][n].get("role"), 3), names.index(n)))
-
-
-def results_table(results: dict) -> str:
-    """Markdown tables "baseline vs FiT3D" with the controls beside them, one per dataset.
-
-    Each cell is `mean ± std` over probe seeds; other columns also show the difference to
-    the baseline, marked `≈` when it is no larger than the seed spread (the larger of the
-    two standard deviations), i.e. when the seeds cannot tell the two apart.
-    """
-    sources = _ordered_sources(results)
-    baseline = next((n for n in sources if results["sources"][n].get("role") == "baseline"), None)
-    rows: dict[tuple[str, str, str], dict[str, dict]] = {}
-    for row in results["results"]:
-        rows.setdefault((row["dataset"], row["task"], row["metric"]), {})[row["source"]] = row
-    lines: list[str] = []
-    datasets = list(dict.fromkeys(key[0] for key in rows))
-    for dataset in datasets:
-        header = ["task", "metric"] + [f"{n} ({results['sources'][n].get('role', '')})" for n in sources]
-        lines += [f"**{dataset}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for (ds, task, metric), by_source in rows.items():
-            if ds != dataset:
-                continue
-            any_row = next(iter(by_source.values()))
-            arrow = "↑" if any_row.get("higher_is_better", True) else "↓"
-            cells = [task, f"{METRIC_NAMES.get(metric, (metric,))[0]} {arrow}"]
-            base = by_source.get(baseline)
-            for name in sources:
-                row = by_source.get(name)
-                if row is None:
-                    cells.append("–")
-                    continue
-                cell = f"{row['mean']:.4f} ± {row['std']:.4f}"
-                if base is not None and name != baseline:
-                    diff = row["mean"] - base["mean"]
-                    within = abs(diff) <= max(row["std"], base["std"])
-                    cell += f" ({diff:+.4f}{' ≈' if within else ''})"
-                cells.append(cell)
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    n_seeds = len(results["protocol"].get("seeds", []))
-    lines.append(
-        f"mean ± std over {n_seeds} probe seed(s); (±x) is the difference to the baseline; "
-        "≈ marks a difference no larger than the spread (the larger of the two std)."
-    )
-    if any(row["task"] == "correspondence" for row in results["results"]):
-        lines.append("Correspondence recall has no probe: its ± is the spread over test scenes.")
-    return "\n".join(lines)
 
 
 def eval_results_from(results: dict, source: str | None = None) -> list[EvalResult]:

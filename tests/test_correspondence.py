@@ -1,6 +1,6 @@
 import torch
 
-from fit3d_hf.probes.correspondence import (
+from fit3d_hf.evaluation.correspondence import (
     correspondence_recall,
     ground_truth_correspondences,
     match_errors,

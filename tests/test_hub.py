@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from fit3d_hf import hub
+from fit3d_hf.evaluation.report import results_table
 
 
 def _results(tmp_path):
@@ -37,7 +38,7 @@ def _results(tmp_path):
 
 def test_results_table_orders_sources_and_marks_spread(tmp_path):
     _, results = _results(tmp_path)
-    table = hub.results_table(results)
+    table = results_table(results)
     header = next(line for line in table.splitlines() if line.startswith("| task"))
     assert header.index("original") < header.index("fit3d") < header.index("blur_control")
     miou = next(line for line in table.splitlines() if "mIoU" in line)

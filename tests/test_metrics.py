@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fit3d_hf.probes.metrics import DepthMetrics, MeanIoU, depth_errors
+from fit3d_hf.evaluation.metrics import DepthMetrics, MeanIoU, depth_errors
 
 
 def test_mean_iou_hand_computed():

@@ -198,11 +198,10 @@ def finetune_run(args: DemoArguments, dataset_dir: Path, output_dir: Path) -> No
 
 
 def evaluate_run(args: DemoArguments, out: Path) -> dict:
-    """The probe benchmark with every control, via `fit3d evaluate` (cached in eval/cache: resumable)."""
-    from fit3d_hf.commands.evaluate import EvaluateArguments, run
-    from fit3d_hf.probes.benchmark import BenchmarkConfig
+    """The probe benchmark with every control, as `fit3d evaluate` runs it (cached in eval/cache: resumable)."""
+    from fit3d_hf.evaluation import BenchmarkConfig, EvaluationArguments, evaluate
 
-    eval_args = EvaluateArguments(
+    eval_args = EvaluationArguments(
         output_dir=str(out / "eval"),
         model=str(out / "model"),
         baseline=args.backbone,
@@ -224,7 +223,7 @@ def evaluate_run(args: DemoArguments, out: Path) -> dict:
         seg_iterations=args.seg_iterations,
         depth_iterations=args.depth_iterations,
     )
-    return run(eval_args, config)
+    return evaluate(eval_args, config)
 
 
 def headline(results: dict, source: str, task: str, metric: str) -> dict | None:
@@ -235,23 +234,21 @@ def headline(results: dict, source: str, task: str, metric: str) -> dict | None:
 def verdicts(results: dict) -> list[str]:
     """One line per comparison and headline metric: the difference and whether it exceeds the spread.
 
-    "Beyond the spread" means |mean_a - mean_b| > max(std_a, std_b) (the `≈` rule of the results
-    table): std is over probe seeds, or over test rooms for the probe-free correspondence metric.
+    The verdict is `evaluation.report.compare`'s (the `≈` rule of the results table): "beyond the
+    spread" means |mean_a - mean_b| > max(std_a, std_b), std over probe seeds, or over test rooms
+    for the probe-free correspondence metric.
     """
+    from fit3d_hf.evaluation.report import compare
+
     lines = []
     for a, b, meaning in COMPARISONS:
         parts = []
-        for task, metric, label, higher in HEADLINE_METRICS:
+        for task, metric, label, _ in HEADLINE_METRICS:
             row_a, row_b = headline(results, a, task, metric), headline(results, b, task, metric)
             if row_a is None or row_b is None:
                 continue
-            diff = row_a["mean"] - row_b["mean"]
-            spread = max(row_a["std"], row_b["std"])
-            if abs(diff) <= spread:
-                word = "no effect beyond the spread"
-            else:
-                word = "better" if (diff > 0) == higher else "WORSE"
-            parts.append(f"{label} {diff:+.4f} (spread {spread:.4f}: {word})")
+            comparison = compare(row_a, row_b)
+            parts.append(f"{label} {comparison.difference:+.4f} (spread {comparison.spread:.4f}: {comparison.verdict})")
         if parts:
             lines.append(f"- {meaning}: " + "; ".join(parts))
     return lines

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from fit3d_hf import FiT3DModel, backbones
-from fit3d_hf.probes.benchmark import BenchmarkConfig, benchmark_on_scenes, input_size, write_report
-from fit3d_hf.probes.heads import DepthProbe, SegmentationProbe, depth_loss, gradient_loss, sig_loss
-from fit3d_hf.probes.train import ProbeConfig, predict, train_probe
+from fit3d_hf.evaluation.benchmark import BenchmarkConfig, benchmark_on_scenes, input_size
+from fit3d_hf.evaluation.heads import DepthProbe, SegmentationProbe, depth_loss, gradient_loss, sig_loss
+from fit3d_hf.evaluation.report import write_report
+from fit3d_hf.evaluation.training import ProbeConfig, predict, train_probe
 from fit3d_hf.scenes import synthetic
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
@@ -223,7 +224,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         "accelerate.commands.launch",
         "--config_file",
         "recipes/configs/accelerate_cpu_2proc.yaml",
-        "recipes/evaluate.py",
+        "recipes/evaluation.py",
         "--config",
         "recipes/configs/evaluate_synthetic_cpu.yaml",
         "--model",

@@ -1,9 +1,20 @@
 """Probe benchmark: original vs FiT3D features, with controls, over several probe seeds.
 
-Entry points:
+The entry point evaluates a FiT3DModel folder (what `fit3d evaluate` runs):
 
 ```python
-from fit3d_hf.probes.benchmark import BenchmarkConfig, benchmark_on_scenes, write_report
+from fit3d_hf.evaluation import BenchmarkConfig, EvaluationArguments, evaluate
+
+results = evaluate(EvaluationArguments(output_dir="runs/eval", model="fit3d-model"), BenchmarkConfig.cpu_preset())
+```
+
+It builds the sources (the original backbone or `baseline`, the FiT3DModel, and the controls),
+loads the dataset `dataset` names, runs the benchmark per task and writes
+`<output_dir>/results.json` and `results.md` (`report.write_report`). Underneath, any frozen
+feature sources can be compared:
+
+```python
+from fit3d_hf.evaluation import BenchmarkConfig, benchmark_on_scenes, write_report
 
 sources = {                                   # name -> frozen feature source
     "original": backbone,                     # a transformers backbone (the baseline)
@@ -20,33 +31,38 @@ write_report(results, "runs/eval")           # results.json + results.md
 `benchmark_on_scenes` trains probes on every view of the training scenes and tests them on
 every view of unseen scenes (probes trained and tested on one room partly memorise it), and
 measures multi-view correspondence recall on the test scenes. `run_benchmark` does the same
-over any `EvalDataset` pair (see `probes.datasets`). Every source's features are extracted
+over any `EvalDataset` pair (see `evaluation.data`). Every source's features are extracted
 once (frozen, eval mode) and reused by each probe seed; with `cache_dir` they are kept on
 disk together with finished probe runs, so an interrupted benchmark resumes.
 """
 
+import copy
 import functools
 import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from datasets import load_from_disk
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .. import __version__, backbones
-from ..hub import results_table
-from ..io import atomic_write, atomic_write_json, atomic_write_text
+from ..backbone_specs import load_backbone_spec
+from ..io import atomic_write, atomic_write_json
+from ..modeling_fit3d import FiT3DModel
+from ..scenes import load_scene, synthetic
 from .correspondence import correspondence_recall, view_pairs
-from .datasets import EvalDataset, from_scenes
+from .data import PAPER_DATASETS, EvalDataset, from_hf_dataset, from_scenes, load_eval_dataset
 from .metrics import DEPTH_HIGHER_IS_BETTER, DEPTH_KEYS, DepthMetrics, MeanIoU
-from .train import ProbeConfig, build_head, predict, train_probe
+from .report import write_report
+from .training import ProbeConfig, build_head, predict, train_probe
 
 FeatureSource = PreTrainedModel | list[PreTrainedModel] | tuple[PreTrainedModel, ...]
 SEG_METRICS = ("mean_iou", "mean_accuracy", "overall_accuracy")
@@ -272,7 +288,7 @@ def run_benchmark(
     correspondence_scenes: list | None = None,
     accelerator: Accelerator | None = None,
 ) -> dict:
-    """Train and test linear probes for every source; return the results dict (see `fit3d_hf.hub`).
+    """Train and test linear probes for every source; return the results dict (see `evaluation.report`).
 
     Args:
         sources: name -> a transformers backbone, a FiT3DModel, or a list of models whose
@@ -500,31 +516,154 @@ def benchmark_on_scenes(
     return run_benchmark(sources, train, test, config, **kwargs)
 
 
-def write_report(results: dict, output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write `results.json` and `results.md` (the "baseline vs FiT3D" tables) atomically."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = output_dir / "results.json", output_dir / "results.md"
-    atomic_write_json(json_path, results)
-    protocol = results["protocol"]
-    lines = [
-        "# Probe benchmark: baseline vs FiT3D",
-        "",
-        f"fit3d_hf {results['fit3d_hf_version']}; trained on {protocol['train_dataset']['name']} "
-        f"({protocol['train_dataset']['images']} images), tested on {protocol['test_dataset']['name']} "
-        f"({protocol['test_dataset']['images']} unseen images); seeds {protocol['seeds']}; device {protocol['device']}.",
-        "",
-        results_table(results),
-        "",
-        "Sources:",
-        "",
-    ]
-    for name, source in results["sources"].items():
-        models = " + ".join(
-            f"{m['family']}{'/' + m['assembly'] if m['assembly'] else ''} (width {m['hidden_size']})" for m in source["models"]
+@dataclass
+class EvaluationArguments:
+    """What `evaluate` compares, on which data, and where the report goes (the protocol is a
+    `BenchmarkConfig`). `fit3d evaluate` parses both with `HfArgumentParser`."""
+
+    output_dir: str = field(metadata={"help": "Where results.json, results.md and the cache go."})
+    model: str = field(metadata={"help": "A FiT3DModel folder (from `fit3d finetune`) or Hub id."})
+    baseline: str | None = field(
+        default=None,
+        metadata={
+            "help": "Baseline backbone, named as for `fit3d lift --backbone` ('embedded', a folder or Hub id); default: the model's original backbone."
+        },
+    )
+    blur_control: str | None = field(
+        default=None, metadata={"help": "A FiT3DModel fine-tuned on single-view blurred targets (control ii)."}
+    )
+    controls: bool = field(default=True, metadata={"help": "Add finetuned_only and concat_random controls."})
+    control_seed: int = field(default=1234, metadata={"help": "Seed of the random-init backbone of concat_random."})
+    dataset: str = field(
+        default="synthetic", metadata={"help": "synthetic, scannetpp, scannet, nyuv2, ade20k, voc2012, kitti, or hf."}
+    )
+    data_root: str | None = field(default=None, metadata={"help": "Root of a paper dataset in its standard layout."})
+    num_train_scenes: int = field(default=6, metadata={"help": "synthetic: rooms the probes train on."})
+    num_test_scenes: int = field(default=2, metadata={"help": "synthetic: unseen rooms the probes are tested on."})
+    scene_seed: int = field(
+        default=1000, metadata={"help": "synthetic: seed of the first room (fine-tuning rooms use 0, 1, ...)."}
+    )
+    scene_views: int = field(default=24, metadata={"help": "synthetic: views per room."})
+    scene_height: int = field(default=120, metadata={"help": "synthetic: image height."})
+    scene_width: int = field(default=160, metadata={"help": "synthetic: image width."})
+    correspondence_scenes: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Scene folders with depth (`fit3d_hf.scenes.load_scene`) on which to measure correspondence recall too."
+        },
+    )
+    hf_dataset: str | None = field(default=None, metadata={"help": "hf: a folder written by Dataset/DatasetDict.save_to_disk."})
+    hf_train_split: str = field(default="train", metadata={"help": "hf: training split."})
+    hf_test_split: str = field(default="test", metadata={"help": "hf: test split."})
+    image_column: str = field(default="image", metadata={"help": "hf: image column."})
+    semantics_column: str | None = field(default=None, metadata={"help": "hf: label-map column (255 = ignore)."})
+    depth_column: str | None = field(default=None, metadata={"help": "hf: depth-map column."})
+    num_labels: int | None = field(default=None, metadata={"help": "hf: number of classes."})
+    max_depth: float | None = field(default=None, metadata={"help": "hf: max depth in metres."})
+    depth_scale: float = field(default=1.0, metadata={"help": "hf: stored depth / depth_scale = metres."})
+
+
+def build_sources(args: EvaluationArguments) -> tuple[dict[str, FeatureSource], dict[str, str], dict[str, str]]:
+    """(sources, roles, descriptions) of `args.model` and its controls, for `run_benchmark`.
+
+    original        the frozen original backbone (or `args.baseline`)      role: baseline
+    fit3d           the FiT3DModel as its config.assembly says             role: fit3d
+    finetuned_only  the fine-tuned backbone alone, same width (`args.controls`)
+    concat_random   [original, a random-init backbone of the same size] (`args.controls`)
+    blur_control    the fine-tuned backbone of `args.blur_control` alone
+    """
+    model = FiT3DModel.from_pretrained(args.model)
+    original, baseline_name = load_backbone_spec(args.baseline, args.control_seed) if args.baseline else (model.original, None)
+    sources = {"original": original, "fit3d": model}
+    roles = {"original": "baseline", "fit3d": "fit3d"}
+    descriptions = {
+        "original": f"baseline backbone ({baseline_name or 'the original backbone of ' + args.model})",
+        "fit3d": f"{args.model}, assembly {model.config.assembly}",
+    }
+    if args.controls:
+        torch.manual_seed(args.control_seed)
+        random_backbone = backbones.build_backbone(copy.deepcopy(model.config.backbone_config))
+        sources["finetuned_only"] = model.finetuned
+        sources["concat_random"] = [original, random_backbone]
+        descriptions["finetuned_only"] = "control: the fine-tuned backbone alone (same width as the baseline)"
+        descriptions["concat_random"] = f"control: [original, random-init backbone of the same size (seed {args.control_seed})]"
+    if args.blur_control:
+        sources["blur_control"] = FiT3DModel.from_pretrained(args.blur_control).finetuned
+        descriptions["blur_control"] = f"control: fine-tuned on single-view blurred targets ({args.blur_control}), alone"
+    for name in sources:
+        roles.setdefault(name, "control")
+    return sources, roles, descriptions
+
+
+def _paper_tasks(args: EvaluationArguments, config: BenchmarkConfig) -> list[str]:
+    """The probe tasks of `config.tasks` that the paper dataset `args.dataset` has."""
+    return [t for t in ("segmentation", "depth") if t in config.tasks and t in PAPER_DATASETS[args.dataset]]
+
+
+def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
+    """Benchmark a FiT3DModel folder against its original backbone and the controls.
+
+    Builds the sources (`build_sources`), loads the data `args.dataset` names — procedural rooms
+    (probes train on `num_train_scenes` rooms and are tested on `num_test_scenes` unseen ones,
+    where correspondence is measured too), a `datasets` folder (`hf`), or a paper dataset under
+    `data_root`, benchmarked task by task and merged into one results dict — runs `run_benchmark`
+    on one accelerator, writes `<output_dir>/results.json` and `results.md` (main process) and
+    returns the results dict (see `evaluation.report`). Features and finished probe runs are
+    cached in `config.cache_dir` (default `<output_dir>/cache`), so a rerun resumes.
+    """
+    if args.dataset == "hf" and args.hf_dataset is None:
+        raise ValueError("EvaluationArguments: dataset 'hf' needs hf_dataset (a folder written by save_to_disk)")
+    paper = args.dataset not in ("synthetic", "hf")
+    if paper and args.dataset not in PAPER_DATASETS:
+        raise ValueError(
+            f"EvaluationArguments: unknown dataset {args.dataset!r}; known: synthetic, hf, {', '.join(PAPER_DATASETS)}"
         )
-        lines.append(
-            f"- **{name}** ({source['role']}): {source['description'] or models}; input {source['input_size'][0]}×{source['input_size'][1]}"
+    if paper and args.data_root is None:
+        raise ValueError(f"EvaluationArguments: dataset {args.dataset!r} needs data_root")
+    if paper and not _paper_tasks(args, config):
+        raise ValueError(f"EvaluationArguments: dataset {args.dataset!r} has none of the tasks {config.tasks}")
+    if config.cache_dir is None:
+        config = replace(config, cache_dir=os.path.join(args.output_dir, "cache"))
+    sources, roles, descriptions = build_sources(args)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    kwargs = dict(roles=roles, descriptions=descriptions, accelerator=accelerator)
+    loaded = [load_scene(path) for path in args.correspondence_scenes]
+    if loaded:
+        kwargs["correspondence_scenes"] = loaded
+    if args.dataset == "synthetic":
+        size = dict(num_views=args.scene_views, height=args.scene_height, width=args.scene_width)
+        train = synthetic.make_rooms(args.num_train_scenes, seed=args.scene_seed, **size)
+        test = synthetic.make_rooms(args.num_test_scenes, seed=args.scene_seed + args.num_train_scenes, **size)
+        kwargs["correspondence_scenes"] = test + loaded
+        results = benchmark_on_scenes(sources, train, test, config, **kwargs)
+    elif args.dataset == "hf":
+        data = load_from_disk(args.hf_dataset)
+        columns = dict(
+            image_column=args.image_column,
+            semantics_column=args.semantics_column,
+            depth_column=args.depth_column,
+            num_labels=args.num_labels,
+            max_depth=args.max_depth,
+            depth_scale=args.depth_scale,
         )
-    atomic_write_text(md_path, "\n".join(lines) + "\n")
-    return json_path, md_path
+        name = os.path.basename(os.path.normpath(args.hf_dataset))
+        train = from_hf_dataset(data[args.hf_train_split], name=name, **columns)
+        test = from_hf_dataset(data[args.hf_test_split], name=name, **columns)
+        results = run_benchmark(sources, train, test, config, **kwargs)
+    else:
+        # the paper sets keep each task's images apart: one benchmark per task, merged
+        results = None
+        for task in _paper_tasks(args, config):
+            train = load_eval_dataset(args.dataset, args.data_root, "train", task)
+            test = load_eval_dataset(args.dataset, args.data_root, "test", task)
+            part = run_benchmark(sources, train, test, config, **kwargs)
+            kwargs.pop("correspondence_scenes", None)  # measured once, with the first task
+            if results is None:
+                results = part
+            else:
+                results["results"] += part["results"]
+    if accelerator.is_main_process:
+        json_path, md_path = write_report(results, args.output_dir)
+        print(md_path.read_text())
+        print(f"wrote {json_path} and {md_path}")
+    return results

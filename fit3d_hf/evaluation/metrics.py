@@ -4,7 +4,7 @@
 subclasses are instantiated directly and work offline:
 
 ```python
-from fit3d_hf.probes.metrics import DepthMetrics, MeanIoU
+from fit3d_hf.evaluation.metrics import DepthMetrics, MeanIoU
 
 miou = MeanIoU(num_labels=13)               # ignore_index=255
 for pred, label in batches:                 # [B, H, W] int tensors or arrays

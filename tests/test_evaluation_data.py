@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fit3d_hf.probes.datasets import PAPER_DATASETS, from_hf_dataset, from_scenes, load_eval_dataset
+from fit3d_hf.evaluation.data import PAPER_DATASETS, from_hf_dataset, from_scenes, load_eval_dataset
 from fit3d_hf.scenes import synthetic
 
 
@@ -136,7 +136,7 @@ def test_from_scenes_uses_view_splits():
 
 def test_run_benchmark_on_images_of_different_sizes(tmp_path):
     from fit3d_hf import backbones
-    from fit3d_hf.probes.benchmark import BenchmarkConfig, run_benchmark
+    from fit3d_hf.evaluation.benchmark import BenchmarkConfig, run_benchmark
 
     for split, sizes in (("training", [(16, 24), (20, 20), (24, 16)]), ("validation", [(18, 30), (16, 16)])):
         for i, (h, w) in enumerate(sizes):
