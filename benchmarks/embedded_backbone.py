@@ -1,6 +1,6 @@
 """Random-init vs SimMIM-pretrained embedded backbone, through the package's probe benchmark.
 
-DESIGN §7 asks to measure both before choosing what the demo ships. The frozen features of each
+Both were measured before choosing what the demo ships (docs/design.md). The frozen features of each
 candidate go through `fit3d_hf.evaluation.benchmark_on_scenes` with the synthetic CPU preset (96×128 input):
 segmentation and depth linear probes trained on `--probe_train_scenes` rooms and tested on
 `--test_scenes` unseen rooms over several probe seeds, plus multi-view correspondence recall.

@@ -43,7 +43,7 @@ from transformers.utils import ModelOutput
 
 FAMILIES = ("dinov2", "dinov2_reg", "clip", "mae", "deit3")
 
-# name -> (family, sizes); the official FiT3D releases (timm ids in the README).
+# name -> (family, sizes); the official FiT3D releases (timm ids in docs/models.md).
 PRESETS = {
     "dinov2_small": ("dinov2", {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6}),
     "dinov2_base": ("dinov2", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}),

@@ -1,7 +1,7 @@
 """The embedded backbone: a small `Dinov2Model` that this package pre-trains itself.
 
 No pretrained weights can be downloaded where the demo must run, and a randomly initialised
-ViT gives features that are random functions of each patch (DESIGN §7): lifting them mostly
+ViT gives features that are random functions of each patch: lifting them mostly
 averages noise and the probes say little. So the package ships a small ViT (patch 8) that was
 pre-trained on the package's own synthetic rooms (`scenes.synthetic.make_room`, seeds from
 `PRETRAIN_SCENE_SEED_OFFSET` on, disjoint from every demo scene) with SimMIM masked-patch

@@ -194,7 +194,7 @@ def test_push_sends_parquet_card_and_metadata(tmp_path, lifted, monkeypatch):
 
 
 def test_bytes_per_view():
-    # ViT-S at a 41x62 grid: ~1.9 MB per view (DESIGN §7).
+    # ViT-S at a 41x62 grid: ~1.9 MB per view (docs/finetuning.md).
     assert bytes_per_view(384, 41, 62) == pytest.approx(1.95e6, rel=0.01)
 
 

@@ -8,7 +8,7 @@ REFERENCE_ITERATIONS = 30_000
 
 @dataclass
 class LiftConfig:
-    """Hyper-parameters of Stage I. Defaults are the official FiT3D / 3DGS values (DESIGN §2).
+    """Hyper-parameters of Stage I. Defaults are the official FiT3D / 3DGS values (docs/protocol.md).
 
     Schedule fields (`sh_degree_every`, `refine_*`, `reset_opacity_every`) count iterations of a
     30k-iteration run and are scaled by `iterations / 30000`, so that any run length keeps the
@@ -75,7 +75,7 @@ class LiftConfig:
         steps: 12.1 dB held-out PSNR instead of 26.0); densification every 20 steps instead of the
         scaled every step (25.4 dB); at most 20k Gaussians; features decoded at half the render
         size (22% faster with a 160-wide backbone, feature cosine within 0.003 at full size).
-        Measurements and commands: the README, "Stage I".
+        Measurements and commands: docs/lifting.md.
         """
         values = dict(CPU_PRESET)
         values.update(overrides)

@@ -116,8 +116,8 @@ def render_targets(
             a temporary name and renamed when complete; an existing folder is an error.
         gaussians_dir: folder of `<scene_id>.safetensors` written by `lift_scene` (needed for "lifted").
         target_source: "lifted" renders the lifted features and decodes them with the scene's
-            decoder at render resolution (the FiT3D target). "single_view_blur" is the control of
-            DESIGN §8: the backbone's own features of the view, Gaussian-blurred by `blur_sigma`
+            decoder at render resolution (the FiT3D target). "single_view_blur" is the single-view
+            control: the backbone's own features of the view, Gaussian-blurred by `blur_sigma`
             grid cells — same images, grid and masks, no 3D.
         image_size: (H, W) of the stored images = the fine-tuning input; multiples of the patch
             size. Defaults to each scene's size rounded to the nearest whole patches (as lifting).
