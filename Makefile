@@ -29,6 +29,7 @@ demo: .venv/.installed
 lint: .venv-test/.installed
 	.venv-test/bin/ruff format --check .
 	.venv-test/bin/ruff check .
+	.venv-test/bin/lint-imports
 
 format: .venv-test/.installed
 	.venv-test/bin/ruff format .

@@ -10,12 +10,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-FOX = Path(__file__).resolve().parents[2] / "shared" / "data" / "fox"
+# A real hand-held capture kept beside the checkout (never in it); FIT3D_FOX_DIR points elsewhere.
+FOX = Path(os.environ.get("FIT3D_FOX_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "fox")
 
 
 @pytest.fixture
 def fox_path() -> Path:
-    """The real captured scene beside the checkout (../shared/data/fox); skip when absent."""
+    """The real captured scene (FIT3D_FOX_DIR, default ../shared/data/fox); skip when absent."""
     if not (FOX / "transforms.json").exists():
         pytest.skip(f"real capture not found at {FOX} (it lives beside the checkout, never in it)")
     return FOX
