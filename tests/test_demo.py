@@ -1,9 +1,13 @@
 import json
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
-from fit3d_hf.commands.demo import DemoArguments, prepare_run_folder, results_grid, room_seeds, verdicts
+from fit3d_hf.pipeline import DemoConfig, DemoError, run_demo
+from fit3d_hf.pipeline.config import STAGES, room_seeds, stage_settings
+from fit3d_hf.pipeline.report import results_grid, verdicts
+from fit3d_hf.pipeline.rerun import prepare_run_folder, read_record, run_stage
 
 
 def _row(source, task, metric, mean, std, higher=True):
@@ -63,78 +67,151 @@ def test_results_grid_has_a_row_per_source_and_dashes_for_missing_metrics():
 
 
 def test_room_seeds_are_disjoint_and_overlaps_are_refused():
-    seeds = room_seeds(DemoArguments(num_train_scenes=3, num_probe_train_scenes=2, num_test_scenes=2, probe_scene_seed=1000))
+    seeds = room_seeds(DemoConfig(num_train_scenes=3, num_probe_train_scenes=2, num_test_scenes=2, probe_scene_seed=1000))
     assert seeds == {"finetune": [0, 1, 2], "probe_train": [1000, 1001], "test": [1002, 1003]}
-    with pytest.raises(SystemExit, match=r"share seeds \[2\]"):
-        room_seeds(DemoArguments(num_train_scenes=3, probe_scene_seed=2))
+    with pytest.raises(DemoError, match=r"share seeds \[2\]"):
+        room_seeds(DemoConfig(num_train_scenes=3, probe_scene_seed=2))
+
+
+def test_command_parses_the_config_and_reports_refusals_as_exit_messages():
+    from fit3d_hf.commands.demo import main
+
+    # The seeds are checked before the backbone is loaded or anything is written.
+    with pytest.raises(SystemExit, match=r"^fit3d demo: fine-tuning and probe rooms share seeds \[2\]"):
+        main(["--num_train_scenes", "3", "--probe_scene_seed", "2", "--probe_seeds", "4", "5"])
+
+
+def test_stage_settings_accumulate_along_the_stages():
+    config = DemoConfig()
+    lift = stage_settings(config, "lift", "backbone-a")
+    evaluate = stage_settings(config, "evaluate", "backbone-a")
+    assert lift["lift_iterations"] == 300 and lift["backbone_name"] == "backbone-a"
+    assert "seg_iterations" not in lift  # a probe setting does not touch the lifted Gaussians
+    assert lift.items() <= evaluate.items() and evaluate["probe_seeds"] == [0, 1, 2]
+    # Every setting that is not about where or how fast the run goes belongs to some stage.
+    every = set(stage_settings(config, STAGES[-1], "backbone-a"))
+    assert every == {f.name for f in fields(DemoConfig)} - {"output_dir", "fresh", "threads"} | {"backbone_name"}
+    with pytest.raises(ValueError, match="unknown stage 'train'"):
+        stage_settings(config, "train", "backbone-a")
+
+
+class Killed(Exception):
+    """Stands for a run killed in the middle of a stage."""
 
 
 def test_run_folder_refuses_other_settings_and_foreign_folders(tmp_path):
     out = tmp_path / "run"
-    args = DemoArguments(output_dir=str(out))
-    prepare_run_folder(args, "backbone-a")
-    (out / "artifact").write_text("done")
-    # Same settings: the folder is reused as it is (resume).
-    prepare_run_folder(args, "backbone-a")
-    assert (out / "artifact").exists()
-    with pytest.raises(SystemExit, match=r"lift_iterations: 300 -> 10"):
-        prepare_run_folder(DemoArguments(output_dir=str(out), lift_iterations=10), "backbone-a")
-    with pytest.raises(SystemExit, match="backbone_name: 'backbone-a' -> 'backbone-b'"):
-        prepare_run_folder(args, "backbone-b")
+    config = DemoConfig(output_dir=str(out))
+    calls = []
+
+    def work():
+        calls.append(1)
+        (out / "artifact").write_text("done")
+
+    assert run_stage(prepare_run_folder(config), "lift", stage_settings(config, "lift", "backbone-a"), work)
+    # Same settings: the folder is reused as it is and the complete stage is skipped.
+    run_dir = prepare_run_folder(config)
+    assert not run_stage(run_dir, "lift", stage_settings(config, "lift", "backbone-a"), work)
+    assert calls == [1] and (out / "artifact").exists()
+    other = DemoConfig(output_dir=str(out), lift_iterations=10)
+    with pytest.raises(DemoError, match=r"lift stage was made with other settings \(lift_iterations: 300 -> 10\); add --fresh"):
+        run_stage(run_dir, "lift", stage_settings(other, "lift", "backbone-a"), work)
+    with pytest.raises(DemoError, match="backbone_name: 'backbone-a' -> 'backbone-b'"):
+        run_stage(run_dir, "lift", stage_settings(config, "lift", "backbone-b"), work)
+    assert calls == [1]
     # --fresh starts over with the new settings.
-    prepare_run_folder(DemoArguments(output_dir=str(out), lift_iterations=10, fresh=True), "backbone-a")
+    fresh = DemoConfig(output_dir=str(out), lift_iterations=10, fresh=True)
+    run_dir = prepare_run_folder(fresh)
     assert not (out / "artifact").exists()
-    assert json.loads((out / "demo.json").read_text())["settings"]["lift_iterations"] == 10
+    assert run_stage(run_dir, "lift", stage_settings(fresh, "lift", "backbone-a"), work)
+    assert json.loads((out / "demo.json").read_text())["stages"]["lift"]["settings"]["lift_iterations"] == 10
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_text("x")
-    with pytest.raises(SystemExit, match="not a demo run folder"):
-        prepare_run_folder(DemoArguments(output_dir=str(foreign), fresh=True), "backbone-a")
+    with pytest.raises(DemoError, match="not a demo run folder"):
+        prepare_run_folder(DemoConfig(output_dir=str(foreign), fresh=True))
     assert (foreign / "holiday.jpg").exists()
+    # A run folder of the demo before stage records is refused, not misread.
+    (out / "demo.json").write_text(json.dumps({"settings": {"lift_iterations": 10}}))
+    with pytest.raises(DemoError, match="older fit3d demo"):
+        prepare_run_folder(DemoConfig(output_dir=str(out), lift_iterations=10))
 
 
-TINY_RUN = [
-    "--num_train_scenes",
-    "1",
-    "--num_probe_train_scenes",
-    "1",
-    "--num_test_scenes",
-    "1",
-    "--scene_views",
-    "6",
-    "--lift_iterations",
-    "60",
-    "--finetune_steps",
-    "4",
-    "--finetune_batch_size",
-    "2",
-    "--seg_iterations",
-    "10",
-    "--depth_iterations",
-    "10",
-    "--probe_seeds",
-    "0",
-    "1",
-]
+def test_interrupted_stage_resumes_with_its_settings_only(tmp_path):
+    config = DemoConfig(output_dir=str(tmp_path / "run"))
+    run_dir = prepare_run_folder(config)
+    settings = stage_settings(config, "evaluate", "backbone-a")
+
+    def killed():
+        raise Killed
+
+    with pytest.raises(Killed):
+        run_stage(run_dir, "evaluate", settings, killed)
+    assert read_record(run_dir)["stages"]["evaluate"] == {"settings": settings, "complete": False}
+    # What the killed run left was made with these settings: other ones must not resume from it.
+    other = stage_settings(replace(config, seg_iterations=5), "evaluate", "backbone-a")
+    with pytest.raises(DemoError, match=r"evaluate stage was started with other settings \(seg_iterations: 300 -> 5\)"):
+        run_stage(run_dir, "evaluate", other, killed)
+    calls = []
+    assert run_stage(run_dir, "evaluate", settings, lambda: calls.append(1))
+    assert calls == [1] and read_record(run_dir)["stages"]["evaluate"]["complete"] is True
 
 
-def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
-    """The whole orchestration with a tiny random backbone and tiny schedules (about 15 s on 2 idle cores)."""
+TINY_RUN = dict(
+    num_train_scenes=1,
+    num_probe_train_scenes=1,
+    num_test_scenes=1,
+    scene_views=6,
+    lift_iterations=60,
+    finetune_steps=4,
+    finetune_batch_size=2,
+    seg_iterations=10,
+    depth_iterations=10,
+    probe_seeds=[0, 1],
+)
+
+
+def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
+    """The whole orchestration with a tiny random backbone and tiny schedules (about 20 s on 2 idle cores),
+    killed once in the finetune stage and resumed."""
     from fit3d_hf.backbones import build_backbone
-    from fit3d_hf.commands.demo import main
     from fit3d_hf.embedded import EmbeddedPretrainConfig, embedded_backbone_config
+    from fit3d_hf.pipeline import demo
 
     torch.manual_seed(0)
     backbone_dir = tmp_path / "tiny-backbone"
     config = EmbeddedPretrainConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
     build_backbone(embedded_backbone_config(config)).save_pretrained(backbone_dir)
     out = tmp_path / "demo"
-    argv = ["--output_dir", str(out), "--backbone", str(backbone_dir), *TINY_RUN]
-    first = main(argv)
+    config = DemoConfig(output_dir=str(out), backbone=str(backbone_dir), **TINY_RUN)
+
+    # Killed after the control model is saved (with its checkpoints) and before its card.
+    write_model_card = demo.write_model_card
+
+    def killed_at_the_control(model_dir, **kwargs):
+        if model_dir.name == "control_blur":
+            raise Killed
+        return write_model_card(model_dir, **kwargs)
+
+    monkeypatch.setattr(demo, "write_model_card", killed_at_the_control)
+    with pytest.raises(Killed):
+        run_demo(config)
+    monkeypatch.undo()
+    assert read_record(out)["stages"]["finetune"]["complete"] is False
+    assert (out / "control_blur" / "checkpoints").is_dir()
+    capsys.readouterr()
+
+    first = run_demo(config)
+    printed = capsys.readouterr().out
+    assert first.skipped == ["scenes", "lift", "render"]
+    assert "finetune: started with these settings by a run that stopped: resuming" in printed
+    assert f"{out / 'model'} exists: skipped" in printed
+    assert f"resumed from {out / 'control_blur' / 'checkpoints' / 'step_00000004'} at step 4" in printed
     for path in (
         "model/model.safetensors",
         "model/README.md",
         "control_blur/model.safetensors",
+        "control_blur/README.md",
         "eval/results.json",
         "pictures/features.png",
         "pictures/loss_finetune.png",
@@ -143,17 +220,25 @@ def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
         "lifted/room_0000.json",
     ):
         assert (out / path).is_file(), path
-    sources = set(first["results"]["sources"])
+    assert not (out / "control_blur" / "checkpoints").exists()
+    assert first.paths["summary"] == out / "summary.md" and first.paths["features"] == out / "pictures" / "features.png"
+    sources = set(first.results["sources"])
     assert sources == {"original", "fit3d", "finetuned_only", "concat_random", "blur_control"}
-    assert len(first["verdicts"]) == 4
+    assert len(first.verdicts) == 4
     card = (out / "model" / "README.md").read_text()
     assert str(backbone_dir) in card and "model-index" in card
-    summary = capsys.readouterr().out
-    assert f"backbone {backbone_dir}" in summary and "beyond the seed spread" in summary
-    # A rerun skips every finished stage and reports the same numbers.
-    second = main(argv)
-    assert second["results"] == first["results"]
-    assert second["timings"]["finetune"] < 5 and second["timings"]["evaluate"] < 5
+    assert f"backbone {backbone_dir}" in printed and "beyond the seed spread" in printed
+    summary = (out / "summary.md").read_text()
+    assert all(line in summary for line in first.verdicts)
+
+    # A rerun skips every stage, reports the same numbers and prints the same summary.
+    second = run_demo(config)
+    assert second.results == first.results and second.verdicts == first.verdicts
+    assert second.skipped == list(STAGES)
+    assert summary in capsys.readouterr().out and (out / "summary.md").read_text() == summary
+    # A changed setting is refused at the first stage it changes, before any work.
+    with pytest.raises(DemoError, match=r"evaluate stage was made with other settings \(seg_iterations: 10 -> 11\)"):
+        run_demo(replace(config, seg_iterations=11))
 
 
 @pytest.mark.slow
@@ -173,7 +258,7 @@ def test_default_demo_fine_tunes_and_reports_every_control(tmp_path):
         if k.startswith("finetuned.") and not torch.equal(weights[k], weights["original." + k[len("finetuned.") :]])
     ]
     assert moved, "fine-tuning did not change the backbone"
-    rows = {(r["source"], r["task"]) for r in run["results"]["results"]}
+    rows = {(r["source"], r["task"]) for r in run.results["results"]}
     for source in ("original", "fit3d", "finetuned_only", "concat_random", "blur_control"):
         assert {(source, "segmentation"), (source, "depth"), (source, "correspondence")} <= rows
-    assert run["timings"]["total_this_run"] < 600
+    assert run.timings["total_this_run"] < 600
