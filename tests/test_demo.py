@@ -261,4 +261,3 @@ def test_default_demo_fine_tunes_and_reports_every_control(tmp_path):
     rows = {(r["source"], r["task"]) for r in run.results["results"]}
     for source in ("original", "fit3d", "finetuned_only", "concat_random", "blur_control"):
         assert {(source, "segmentation"), (source, "depth"), (source, "correspondence")} <= rows
-    assert run.timings["total_this_run"] < 600
