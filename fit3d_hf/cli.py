@@ -16,7 +16,9 @@ COMMANDS = {
     "finetune": "Stage II: fine-tune the backbone on rendered targets (use accelerate launch for several processes).",
     "evaluate": "Linear-probe benchmark (segmentation, depth, 3D correspondence): original vs FiT3D.",
     "card": "Render a model card with eval results into a model folder.",
-    "push": "Upload a model folder or a dataset to the Hugging Face Hub.",
+    "push": "Upload a model folder, a dataset or a Space folder to the Hugging Face Hub.",
+    "app": "See a FiT3D model's features in a Gradio app (pip install 'fit3d_hf[app]').",
+    "space": "Write a Hugging Face Space folder of the app for a model (push it with fit3d push).",
     "pretrain_embedded": "Pre-train the embedded backbone of the demo (SimMIM on procedural rooms, CPU).",
 }
 

@@ -3,8 +3,9 @@
 The benchmark (`fit3d_hf.evaluation`) writes a results JSON (its format is described in
 `fit3d_hf.evaluation.report`); this module turns it into `huggingface_hub.EvalResult`s and the
 report's results table, renders `model_cards/<template>.md` into `<model_dir>/README.md`, and
-uploads folders: models, and targets datasets with their dataset card (`push_targets`). The stages
-write no cards: callers (the commands and the demo) write them after a stage.
+uploads folders: models, Spaces (`fit3d space`), and targets datasets with their dataset card
+(`push_targets`). The stages write no cards: callers (the commands and the demo) write them after
+a stage.
 """
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, metadata_load, upload_folder
 
 from . import __version__
 from .evaluation.report import METRIC_NAMES, results_table
@@ -149,12 +150,13 @@ def push_to_hub(
 
     A model folder (config.json, model.safetensors, preprocessor_config.json, README.md) goes
     up as is; for a dataset, pass a folder written by `Dataset.save_to_disk` or a folder of
-    parquet/json files with `repo_type="dataset"`. Files matching `.*`, `*.tmp` and
-    `checkpoint*/` are not uploaded.
+    parquet/json files with `repo_type="dataset"`; for a Space, a folder whose README.md names
+    its `sdk` and `app_file` (`fit3d space` writes one) with `repo_type="space"`. Files matching
+    `.*`, `*.tmp` and `checkpoint*/` are not uploaded.
     """
     folder = Path(folder)
-    if repo_type not in ("model", "dataset"):
-        raise ValueError(f"repo_type must be 'model' or 'dataset', got {repo_type!r}")
+    if repo_type not in ("model", "dataset", "space"):
+        raise ValueError(f"repo_type must be 'model', 'dataset' or 'space', got {repo_type!r}")
     if not folder.is_dir():
         raise FileNotFoundError(f"folder to upload not found: {folder}")
     if not any(folder.iterdir()):
@@ -165,7 +167,17 @@ def push_to_hub(
             raise ValueError(
                 f"{folder} is not a model folder: it needs config.json and *.safetensors (use repo_type='dataset' for a dataset)"
             )
-    create_repo(repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True)
+    space_sdk = {}
+    if repo_type == "space":
+        metadata = metadata_load(folder / "README.md") if (folder / "README.md").is_file() else None
+        app_file = (metadata or {}).get("app_file", "app.py")
+        if not metadata or "sdk" not in metadata or not (folder / app_file).is_file():
+            raise ValueError(
+                f"{folder} is not a Space folder: it needs README.md with `sdk` in its YAML header and the app_file it names "
+                "(`fit3d space` writes one)"
+            )
+        space_sdk = {"space_sdk": metadata["sdk"]}  # the Hub needs the SDK to create a Space
+    create_repo(repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True, **space_sdk)
     info = upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
