@@ -97,12 +97,21 @@ class BackboneFeatures(ModelOutput):
             Last block's patch tokens without the final LayerNorm (the depth probe's input).
         unnormed_cls_token (`torch.FloatTensor` of shape `[B, C]`):
             The CLS token without the final LayerNorm.
+        hidden_states (`tuple[torch.FloatTensor]`, one per layer, each of shape `[B, P + h*w, C]`, *optional*):
+            With `output_hidden_states`: the embeddings' output, then every block's, prefix tokens
+            included, without the final LayerNorm (the backbone's own `hidden_states`; a FiT3DModel's
+            are its fine-tuned copy's).
+        attentions (`tuple[torch.FloatTensor]`, one per block, each of shape `[B, heads, P + h*w, P + h*w]`, *optional*):
+            With `output_attentions`: every block's attention weights (the backbone's own `attentions`; a
+            FiT3DModel's are its fine-tuned copy's).
     """
 
     feature_maps: torch.FloatTensor | None = None
     cls_token: torch.FloatTensor | None = None
     unnormed_feature_maps: torch.FloatTensor | None = None
     unnormed_cls_token: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def _backbone_config_of(config: PreTrainedConfig) -> PreTrainedConfig:
@@ -309,20 +318,34 @@ def _tokens_to_map(tokens: torch.Tensor, num_prefix: int, grid: tuple[int, int])
     return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid[0], grid[1])
 
 
-def extract_features(model: PreTrainedModel, pixel_values: torch.Tensor) -> BackboneFeatures:
+def final_norm_of(model: PreTrainedModel) -> torch.nn.Module:
+    """The LayerNorm a backbone applies after its last block (CLIP: `post_layernorm`, as timm's `norm`)."""
+    return model.post_layernorm if family_of(model.config) == "clip" else model.layernorm
+
+
+def extract_features(
+    model: PreTrainedModel,
+    pixel_values: torch.Tensor,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+    **kwargs,
+) -> BackboneFeatures:
     """Last-block features of a transformers backbone of any family, or a FiT3DModel's assembled ones.
 
     Args:
         model: a backbone of one of `FAMILIES` (as built by `build_backbone` or loaded with
             transformers), or a `FiT3DModel` (its features assembled as `config.assembly` says).
         pixel_values: `[B, 3, H, W]`, normalised (`normalize`); H and W multiples of the patch size.
+        output_hidden_states: also return every layer's tokens (`BackboneFeatures.hidden_states`).
+        output_attentions: also return every block's attention weights (needs eager attention).
+        kwargs: passed on to the backbone's forward (transformers' `TransformersKwargs`).
 
     Returns:
         `BackboneFeatures` with `feature_maps`/`unnormed_feature_maps` `[B, C, H/p, W/p]` and
         `cls_token`/`unnormed_cls_token` `[B, C]`.
     """
     if getattr(model.config, "model_type", None) == "fit3d":
-        return model.backbone_features(pixel_values)
+        return model.backbone_features(pixel_values, output_hidden_states, output_attentions, **kwargs)
     config = model.config
     family = family_of(config)
     height, width = pixel_values.shape[-2:]
@@ -330,8 +353,9 @@ def extract_features(model: PreTrainedModel, pixel_values: torch.Tensor) -> Back
     use_timm_interpolation(model)  # a backbone loaded with plain transformers resamples differently
     patch = patch_size_of(config)
     # CLIP and ViT refuse non-native sizes unless asked; the DINOv2 classes always interpolate.
-    kwargs = {"interpolate_pos_encoding": True} if family in ("clip", "mae") else {}
-    outputs = model(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
+    if family in ("clip", "mae"):
+        kwargs["interpolate_pos_encoding"] = True
+    outputs = model(pixel_values=pixel_values, output_hidden_states=True, output_attentions=output_attentions, **kwargs)
     unnormed = outputs.hidden_states[-1]
     normed = model.post_layernorm(unnormed) if family == "clip" else outputs.last_hidden_state
     grid, num_prefix = (height // patch, width // patch), num_prefix_tokens_of(config)
@@ -340,4 +364,6 @@ def extract_features(model: PreTrainedModel, pixel_values: torch.Tensor) -> Back
         cls_token=normed[:, 0],
         unnormed_feature_maps=_tokens_to_map(unnormed, num_prefix, grid),
         unnormed_cls_token=unnormed[:, 0],
+        hidden_states=tuple(outputs.hidden_states) if output_hidden_states else None,
+        attentions=tuple(outputs.attentions) if output_attentions else None,
     )
