@@ -137,7 +137,7 @@ class BenchmarkConfig:
     )
     depth_max_grad_norm: float | None = _arg("Depth probe: clip the gradient norm to this; unset: no clipping.", 35.0)
     depth_momentum_cycle: bool = _arg(
-        "Depth probe: mmcv's OneCycle momentum (AdamW beta1 0.95 -> 0.85 over 30% of the steps, back to 0.95); false: beta1 0.9.",
+        "Depth probe: mmcv's OneCycle momentum (AdamW beta1 0.95 -> 0.85 over the first 0.3 of the steps, back to 0.95); false: beta1 0.9.",
         True,
     )
     feature_batch_size: int = _arg("Images (or windows) per forward pass when testing and extracting features.", 8)
