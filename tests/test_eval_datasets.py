@@ -239,6 +239,7 @@ def tiny_fit3d():
 
 
 PAPER_TINY = BenchmarkConfig(
+    protocol="paper",
     seeds=[0],
     seg_iterations=2,
     seg_batch_size=2,
@@ -290,6 +291,11 @@ def test_paper_protocol_needs_official_pipelines(tmp_path, tiny_fit3d):
     rooms = from_scenes(synthetic.make_rooms(1, seed=3, num_views=2, height=24, width=32))
     with pytest.raises(ValueError, match="official pipeline"):
         run_benchmark({"original": tiny_fit3d.original}, rooms, rooms, PAPER_TINY)
+    # "auto" falls back to the fixed protocol for data without official pipelines.
+    auto = run_benchmark(
+        {"original": tiny_fit3d.original}, rooms, rooms, replace(PAPER_TINY, protocol="auto", tasks=["segmentation"])
+    )
+    assert auto["protocol"]["protocol"] == "fixed"
 
 
 def _nyu_command(tmp_path, depth_size):

@@ -5,7 +5,7 @@ The entry point evaluates a FiT3DModel folder (what `fit3d evaluate` runs):
 ```python
 from fit3d_hf.evaluation import BenchmarkConfig, EvaluationArguments, evaluate
 
-# a paper dataset with its official probe pipelines (the default protocol, "paper")
+# a paper dataset with its official probe pipelines (protocol "paper", chosen by the default "auto")
 evaluate(EvaluationArguments(output_dir="runs/scannetpp", model="fit3d-model", dataset="scannetpp", data_root="eval_data/scannetpp"),
          BenchmarkConfig())
 # synthetic rooms on a CPU in minutes (protocol "fixed")
@@ -73,7 +73,7 @@ from .report import write_report
 from .training import ProbeBatch, ProbeConfig, build_head, cached_batches, predict, predict_raw, train_probe
 
 SEG_METRICS = ("mean_iou", "mean_accuracy", "overall_accuracy")
-PROTOCOLS = ("paper", "fixed")
+PROTOCOLS = ("auto", "paper", "fixed")
 
 
 def _arg(text: str, default=None, *, factory=None):
@@ -92,11 +92,12 @@ class BenchmarkConfig:
     is that on synthetic rooms, in minutes."""
 
     protocol: str = _arg(
+        "auto (default): paper for the paper datasets, fixed for other data. "
         "paper: the dataset's official pipelines — probes train on augmented crops whose features are computed "
         "every step, and test with sliding windows (segmentation) or flip averaging (depth); needs a paper dataset. "
         "fixed: features once per image at image_height x image_width, no augmentation, whole-image test (fast, "
         "not comparable to the paper).",
-        "paper",
+        "auto",
     )
     image_height: int = _arg(
         "fixed: height fed to every source, rounded down to a multiple of its patch size (labels keep their own size).", 448
@@ -520,6 +521,9 @@ def run_benchmark(
         raise ValueError(f"train ({train_data.num_labels}) and test ({test_data.num_labels}) num_labels differ")
     if "segmentation" in probe_tasks and train_data.num_labels > 255:
         raise ValueError(f"{train_data.name}: at most 255 classes are supported, got {train_data.num_labels}")
+    if config.protocol == "auto":
+        official = all(task in data.pipelines for data in (train_data, test_data) for task in probe_tasks)
+        config = replace(config, protocol="paper" if official else "fixed")
     paper = config.protocol == "paper"
     if paper:
         _check_pipelines(train_data, probe_tasks)
@@ -836,7 +840,8 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
     returns the results dict (see `evaluation.report`). Finished probe runs (and, with the
     `fixed` protocol, extracted features) are cached in `config.cache_dir` (default
     `<output_dir>/cache`), so a rerun resumes. `config.protocol` "paper" runs each paper
-    dataset's official pipelines; synthetic rooms and `hf` datasets have none and need "fixed".
+    dataset's official pipelines; synthetic rooms and `hf` datasets have none and need "fixed";
+    "auto" (the default) chooses between the two by the dataset.
     """
     if args.dataset == "hf" and args.hf_dataset is None:
         raise ValueError("EvaluationArguments: dataset 'hf' needs hf_dataset (a folder written by save_to_disk)")
