@@ -132,7 +132,7 @@ def test_backend_is_resolved_before_the_inputs_are_validated():
         rasterize(*scene, 28, 20, backend="auto")
 
 
-def test_finite_check_is_one_readback_and_can_be_skipped():
+def test_finite_check_names_every_bad_tensor_and_can_be_skipped():
     scene = _scene()
     scene[2] = scene[2].clone()
     scene[2][1] = float("inf")
