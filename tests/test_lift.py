@@ -207,6 +207,9 @@ def test_artifact_roundtrip_and_render(lifted):
         assert key in report
     assert set(report["metrics"]) == {"psnr", "feature_l1", "feature_cosine"}
     assert report["eval_split"] == "held-out" and report["num_eval_views"] == len(scene.test_views)
+    assert report["backend"] == "torch"  # "auto" on CPU
+    # Losses wait on the device between checks (every 100 steps by default): every step's is recorded.
+    assert len(report["loss_history"]) == TINY_STEPS and all(math.isfinite(v) for v in report["loss_history"])
     views = scene.test_views
     rgb, features, alphas = loaded.render(scene.intrinsics[views], scene.world_to_camera[views], scene.width, scene.height)
     assert rgb.shape == (len(views), 3, scene.height, scene.width)
@@ -265,20 +268,48 @@ def test_resume_with_another_backbone_width_fails_clearly(tmp_path):
         lift_scene(scene, tiny_backbone(48), config, output_dir=tmp_path, progress=False)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    scene, config = tiny_room(), tiny_config_for_tests()
+@pytest.mark.parametrize("check_every,found_at", [(1, 8), (4, 8), (100, 10)])
+def test_nan_parameters_stop_and_keep_the_last_good_checkpoint(tmp_path, check_every, found_at):
+    """Found at the next check (every `check_every` steps, and before the checkpoint of step 10)."""
+    scene, config = tiny_room(), tiny_config_for_tests(check_every=check_every)
 
     def poison(step, params):
         if step == 7:
             with torch.no_grad():
                 params["opacities"][:3] = float("nan")
 
-    with pytest.raises(FloatingPointError, match=r"room_0000.*step 8.*step_0000005\.pt"):
+    with pytest.raises(FloatingPointError, match=rf"room_0000.*\['opacities'\].*step {found_at}\b.*step_0000005\.pt"):
         lift_scene(scene, tiny_backbone(), config, output_dir=tmp_path, callback=poison, progress=False)
     checkpoint = tmp_path / ".checkpoints" / scene.scene_id / "step_0000005.pt"
     state = torch.load(checkpoint, weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["params"].values())
     assert not (tmp_path / f"{scene.scene_id}.safetensors").exists()
+
+
+def test_nan_loss_names_its_step_and_view(tmp_path, monkeypatch):
+    import fit3d_hf.lift.loop as loop
+
+    def nan_at_step_6(params, decoder_weight, views, row, sh_degree, config):
+        loss, terms, info = training_loss(params, decoder_weight, views, row, sh_degree, config)
+        calls.append(row)
+        return (loss * float("nan") if len(calls) == 7 else loss), terms, info
+
+    calls = []
+    monkeypatch.setattr(loop, "training_loss", nan_at_step_6)
+    scene = tiny_room()
+    with pytest.raises(FloatingPointError, match=r"room_0000.*loss is nan at step 6 \(view \d+\).*step_0000005\.pt"):
+        lift_scene(scene, tiny_backbone(), tiny_config_for_tests(), output_dir=tmp_path, progress=False)
+
+
+def test_gsplat_backend_that_cannot_run_fails_before_any_work(tmp_path, monkeypatch):
+    import fit3d_hf.lift.loop as loop
+
+    def must_not_run(*args):
+        raise AssertionError("views were loaded")
+
+    monkeypatch.setattr(loop, "_prepare_views", must_not_run)
+    with pytest.raises(RuntimeError, match="backend='gsplat' needs CUDA tensors"):
+        lift_scene(tiny_room(), tiny_backbone(), tiny_config_for_tests(backend="gsplat"), output_dir=tmp_path, progress=False)
 
 
 def test_scene_without_usable_views_is_refused(tmp_path):
@@ -315,6 +346,33 @@ def test_command_help_explains_itself(capsys):
     text = capsys.readouterr().out
     assert "accelerate launch --config_file recipes/configs/accelerate_cpu_2proc.yaml" in text
     assert "--output_dir" in text and "--holdout_every" in text and "--max_gaussians" in text
+
+
+def test_command_loads_gsplat_in_the_main_process_first(monkeypatch, tmp_path):
+    """gsplat's first-use build happens once, before the other processes touch it (here: one process, stand-ins)."""
+    import contextlib
+
+    from accelerate import Accelerator
+
+    import fit3d_hf.commands.lift as command
+
+    events = []
+
+    @contextlib.contextmanager
+    def goes_first(name):
+        events.append(f"enter {name}")
+        yield
+        events.append(f"exit {name}")
+
+    monkeypatch.setattr(Accelerator, "main_process_first", lambda self: goes_first("main"))
+    monkeypatch.setattr(Accelerator, "local_main_process_first", lambda self: goes_first("local main"))
+    monkeypatch.setattr(command, "resolve_backend", lambda backend, device, dtype: "gsplat")
+    monkeypatch.setattr(command, "load_gsplat_extension", lambda: events.append("load gsplat"))
+    monkeypatch.setattr(command, "lift_scenes", lambda *args, **kwargs: events.append("lift") or [])
+    argv = ["--output_dir", str(tmp_path), "--backbone", "tiny:dinov2", "--synthetic_rooms", "1",
+            "--synthetic_views", "2", "--synthetic_height", "16", "--synthetic_width", "16"]  # fmt: skip
+    command.main(argv)
+    assert events == ["enter main", "enter local main", "load gsplat", "exit local main", "exit main", "lift"]
 
 
 def _free_port() -> int:

@@ -7,6 +7,9 @@ r"""`fit3d lift`: Stage I, lift backbone features into feature Gaussians, one fi
 Under `accelerate launch` every process lifts its share of the scenes (round robin) with its own
 progress bar; the main process prints a summary table once all are done. Rerunning the same
 command skips finished scenes and resumes interrupted ones from their last checkpoint.
+
+On a GPU the rasterizer is gsplat: the first run on a machine compiles its CUDA kernels (about 4-5
+minutes; nvcc of the CUDA major version torch was built with), once, in the main process first.
 """
 
 import logging
@@ -21,6 +24,7 @@ from fit3d_hf.backbone_specs import load_backbone_spec
 from fit3d_hf.commands import parse_args
 from fit3d_hf.commands.scene_args import SceneArguments, scenes_of
 from fit3d_hf.lift import LiftConfig, lift_scenes, summary_table
+from fit3d_hf.splatting import load_gsplat_extension, resolve_backend
 
 
 @dataclass
@@ -41,6 +45,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("fit3d lift: no scenes given: pass --scenes FOLDER ... and/or --synthetic_rooms N")
     backbone, backbone_name = load_backbone_spec(scene_args.backbone, scene_args.seed)
     backbone.to(accelerator.device).requires_grad_(False)
+    if resolve_backend(config.backend, accelerator.device, torch.float32) == "gsplat":
+        # gsplat compiles its kernels on first use into one folder per machine, which a process that finds
+        # no finished build there deletes: one process builds (the main one, then each machine's first if
+        # the folder is not shared) while the others wait, then they load the build.
+        with accelerator.main_process_first(), accelerator.local_main_process_first():
+            load_gsplat_extension()
     reports = lift_scenes(
         scenes, backbone, config, output_dir=args.output_dir, seed=scene_args.seed,
         process_index=accelerator.process_index, num_processes=accelerator.num_processes,

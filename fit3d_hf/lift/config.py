@@ -55,13 +55,22 @@ class LiftConfig:
         default=1, metadata={"help": "Decode and compare features at the render size divided by this."}
     )
     checkpoint_every: int = field(default=1_000, metadata={"help": "Write a resumable checkpoint every this many steps."})
+    check_every: int = field(
+        default=100,
+        metadata={
+            "help": "Check the loss and the parameters for NaN/inf every this many steps and before each checkpoint "
+            "(each check waits for the GPU)."
+        },
+    )
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoints of a finished scene."})
-    backend: str = field(default="auto", metadata={"help": "Rasterizer: auto (gsplat on CUDA, torch elsewhere), torch, gsplat."})
+    backend: str = field(
+        default="auto", metadata={"help": "Rasterizer: auto (gsplat on CUDA if its kernels can run, else torch), torch, gsplat."}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.sh_degree <= 3:
             raise ValueError(f"sh_degree must be in 0..3, got {self.sh_degree}")
-        for name in ("iterations", "feature_dim", "render_downscale", "feature_downscale", "checkpoint_every"):
+        for name in ("iterations", "feature_dim", "render_downscale", "feature_downscale", "checkpoint_every", "check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -110,8 +110,11 @@ def rasterize_params(
     height: int,
     sh_degree: int,
     backend: str,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Activate the parameters (`FeatureGaussians` layout) and rasterize colour (SH up to `sh_degree`) and features.
+
+    `check_finite=False` skips `rasterize`'s NaN/Inf scan of the inputs (one wait for the GPU per call).
 
     Returns:
         `rasterize`'s (renders `[V, H, W, 3]`, alphas `[V, H, W, 1]`, meta with features `[V, H, W, D]`).
@@ -130,4 +133,5 @@ def rasterize_params(
         sh_degree=sh_degree,
         features=params["features"],
         backend=backend,
+        check_finite=check_finite,
     )

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..backbone_specs import backbone_name
 from ..io import atomic_write_json
 from ..scenes.scene import Scene
-from ..splatting.strategy import CappedDefaultStrategy
+from ..splatting import CappedDefaultStrategy, load_gsplat_extension, resolve_backend
 from .config import LiftConfig
 from .evaluation import evaluate
 from .gaussians import FORMAT, FeatureGaussians
@@ -42,7 +42,9 @@ def lift_scene(
     """Lift `backbone`'s features of one scene into feature Gaussians and write the artifact.
 
     Resumes from `<output_dir>/.checkpoints/<scene_id>/` when a checkpoint is there. Runs on the
-    backbone's device (gsplat on CUDA, the torch rasterizer on CPU, unless `config.backend` says).
+    backbone's device with the rasterizer `resolve_backend(config.backend, device, float32)` picks
+    (gsplat on CUDA when its extension is built or can be, torch otherwise), recorded in the report;
+    gsplat's extension is loaded (compiled on first use) before anything else.
 
     Args:
         scene: a `fit3d_hf.scenes.Scene` (train views are fitted, test views are held out).
@@ -59,13 +61,18 @@ def lift_scene(
 
     Raises:
         ValueError: no usable training view; a checkpoint made with another backbone width or D.
-        FloatingPointError: the loss or the parameters became NaN/inf (the last good checkpoint is kept).
+        RuntimeError: backend "gsplat" that cannot run here (the message says how to fix it).
+        FloatingPointError: the loss or the parameters became NaN/inf, found by the check every
+            `config.check_every` steps and before each checkpoint (the last good checkpoint is kept).
     """
     output_dir = Path(output_dir)
     started = time.perf_counter()
+    device = next(backbone.parameters()).device
+    backend = resolve_backend(config.backend, device, torch.float32)
+    if backend == "gsplat":
+        load_gsplat_extension()  # fails now, with the fix, rather than in the first step
     train, test = _prepare_views(scene, backbone, config)
     features_seconds = time.perf_counter() - started
-    device = next(backbone.parameters()).device
     extent = camera_extent(scene.camera_centers[train.indices])
     strategy = _make_strategy(config)
     checkpoints = checkpoint_dir(output_dir, scene.scene_id)
@@ -97,7 +104,7 @@ def lift_scene(
     }
     gaussians = FeatureGaussians(state.params, state.decoder_weight, metadata)
     report = _evaluate_and_report(
-        gaussians, train, test, state, config,
+        gaussians, train, test, state, config, backend=backend,
         seed=seed, resumed_from=resumed_from, seconds=seconds, features_seconds=features_seconds, started=started,
     )  # fmt: skip
     gaussians.save(output_dir / f"{scene.scene_id}.safetensors")
@@ -226,25 +233,25 @@ def _train(
 ) -> float:
     """Run the steps from `state.step` to the end, one training view each, checkpointing on the way.
 
+    Losses stay on the device until the check every `config.check_every` steps (and before each
+    checkpoint) reads them back with the parameters' finite flags: each read waits for the GPU.
+
     Returns:
         The seconds they took (also added to `state.train_seconds`).
     """
     resumed_seconds, started = state.train_seconds, time.perf_counter()
     sh_every = config.scaled(config.sh_degree_every)
+    losses: list[torch.Tensor] = []  # this run's losses since the last check, on the device
     for step in range(state.step, config.iterations):
-        _check_finite(state, scene_id, step, checkpoints)
+        if step % config.check_every == 0:
+            _record_losses(state, losses, train, seed, scene_id, checkpoints)
+            _check_finite(state, scene_id, step, checkpoints)
         state.optimizers["means"].param_groups[0]["lr"] = _means_lr(step, config, extent)
         row = _view_order(step, len(train.indices), seed)
         sh_degree = min(step // sh_every, config.sh_degree)
         loss, terms, info = training_loss(state.params, state.decoder_weight, train, row, sh_degree, config)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"scene {scene_id!r}: loss is {loss.item()} at step {step} (view {train.indices[row]}); stopped. "
-                f"Last good checkpoint: {latest_checkpoint(checkpoints) or 'none yet'}. "
-                "Lower the learning rates or check the inputs."
-            )
+        losses.append(loss.detach())
         strategy.step_pre_backward(state.params, state.optimizers, state.strategy_state, step, info)
-        state.loss_history.append(loss.item())
         loss.backward()
         for optimizer in state.all_optimizers():
             optimizer.step()
@@ -255,11 +262,13 @@ def _train(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", feat=f"{terms['feature_l1'].item():.4f}", n=len(state.params["means"]))
         if state.step % config.checkpoint_every == 0 and state.step < config.iterations:
+            _record_losses(state, losses, train, seed, scene_id, checkpoints)
             _check_finite(state, scene_id, state.step, checkpoints)
             state.train_seconds = resumed_seconds + time.perf_counter() - started
             state.save(checkpoints)
         if callback is not None:
             callback(step, state.params)
+    _record_losses(state, losses, train, seed, scene_id, checkpoints)
     seconds = time.perf_counter() - started
     state.train_seconds = resumed_seconds + seconds
     return seconds
@@ -272,6 +281,7 @@ def _evaluate_and_report(
     state: LiftState,
     config: LiftConfig,
     *,
+    backend: str,
     seed: int,
     resumed_from: int,
     seconds: float,
@@ -281,6 +291,7 @@ def _evaluate_and_report(
     """Evaluate the lifted Gaussians on the held-out views (else the training views); the report `<scene_id>.json` holds.
 
     Args:
+        backend: the rasterizer that ran ("torch" or "gsplat").
         resumed_from, seconds: the step this run started from, and how long its steps took.
         features_seconds: how long computing the backbone targets took.
         started: `time.perf_counter()` when this run began.
@@ -302,6 +313,7 @@ def _evaluate_and_report(
         "num_eval_views": len(eval_views.indices),
         "render_size": list(train.images.shape[-2:]),
         "device": str(gaussians.params["means"].device),
+        "backend": backend,
         "metrics": metrics,
         "timings_s": {
             "backbone_features": features_seconds,
@@ -330,10 +342,32 @@ def _view_order(step: int, num_views: int, seed: int) -> int:
     return int(torch.randperm(num_views, generator=generator)[position])
 
 
+def _record_losses(
+    state: LiftState, losses: list[torch.Tensor], train: Views, seed: int, scene_id: str, checkpoints: Path
+) -> None:
+    """Move `losses` (the steps after `state.loss_history`'s) to the history; stop at the first that is NaN/inf."""
+    if not losses:
+        return
+    values = torch.stack(losses).tolist()
+    losses.clear()
+    for value in values:
+        if not math.isfinite(value):
+            step = len(state.loss_history)
+            view = train.indices[_view_order(step, len(train.indices), seed)]
+            raise FloatingPointError(
+                f"scene {scene_id!r}: loss is {value} at step {step} (view {view}); stopped. "
+                f"Last good checkpoint: {latest_checkpoint(checkpoints) or 'none yet'}. "
+                "Lower the learning rates or check the inputs."
+            )
+        state.loss_history.append(value)
+
+
 def _check_finite(state: LiftState, scene_id: str, step: int, checkpoints: Path) -> None:
     """Stop with a clear message when a parameter went NaN/inf (before it reaches a checkpoint)."""
     named = (*state.params.items(), ("decoder", state.decoder_weight))
-    bad = [name for name, value in named if not torch.isfinite(value).all()]
+    # One flag per tensor, read back together: a single wait for the device.
+    finite = torch.stack([torch.isfinite(value).all() for _, value in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
     if bad:
         raise FloatingPointError(
             f"scene {scene_id!r}: parameters {bad} are NaN/inf at step {step}; stopped. "

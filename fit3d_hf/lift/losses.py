@@ -52,6 +52,8 @@ def training_loss(
         height,
         sh_degree,
         config.backend,
+        # The lifting loop checks the parameters every `config.check_every` steps instead of every call.
+        check_finite=False,
     )
     rgb = renders.permute(0, 3, 1, 2)
     l1 = masked_mean((rgb - image).abs(), mask)
