@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .backbones import BackboneFeatures, build_backbone, extract_features, family_of, load_backbone
+from .backbones import BackboneFeatures, backbone_state_dict, build_backbone, extract_features, family_of, load_backbone
 from .configuration_fit3d import FiT3DConfig
 
 
@@ -74,8 +74,8 @@ class FiT3DModel(FiT3DPreTrainedModel):
         """Pair a backbone with a copy of itself for fine-tuning; both start from its weights.
 
         Args:
-            backbone: a transformers backbone of one of the FiT3D families, or a local folder
-                (or Hub id) holding one.
+            backbone: a transformers backbone of a supported type (`backbones.ADAPTERS`), or a
+                local folder (or Hub id) holding one.
             assembly: see `FiT3DConfig.assembly`.
         """
         if isinstance(backbone, (str, os.PathLike)):
@@ -83,8 +83,8 @@ class FiT3DModel(FiT3DPreTrainedModel):
         family_of(backbone.config)  # a clear error for a model that is no FiT3D backbone
         config = FiT3DConfig(backbone_config=copy.deepcopy(backbone.config), assembly=assembly)
         model = cls(config).to(backbone.dtype)
-        # A ViTModel loaded with its (unused) pooler carries pooler.* weights; nothing else may differ.
-        state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("pooler.")}
+        # A backbone may carry modules FiT3D does not build (a pooler, a pooling head); nothing else may differ.
+        state = backbone_state_dict(backbone)
         for target in (model.original, model.finetuned):
             target.load_state_dict(state, strict=True)
         return model.to(backbone.device)
