@@ -5,20 +5,20 @@ prefix tokens (CLS, registers) come before the patch grid, how positions adapt t
 size, which norm gives "the last-layer features" and the normalisation the family was trained
 with. `ADAPTERS` holds every supported type (docs/backbones.md has the table):
 
-| model type                | class                  | patch | prefix tokens           | positions at other sizes          |
-|---------------------------|------------------------|-------|-------------------------|-----------------------------------|
-| `dinov2`                  | `Dinov2Model`          | 14    | 1 (CLS)                 | learned table, resampled as timm  |
-| `dinov2_with_registers`   | `Dinov2WithRegistersModel` | 14 | 1 + registers          | learned table, resampled as timm  |
-| `clip_vision_model`       | `CLIPVisionModel`      | 16    | 1 (CLS)                 | learned table, resampled as timm  |
-| `vit`                     | `ViTModel`             | 16    | 1 (CLS)                 | learned table, resampled as timm  |
-| `dinov3_vit`              | `DINOv3ViTModel`       | 16    | 1 + registers           | RoPE (nothing to resample)        |
-| `siglip_vision_model`     | `SiglipVisionModel`    | 16    | 0                       | learned table, resampled as timm  |
-| `siglip2_vision_model`    | `Siglip2VisionModel`   | 16    | 0                       | SigLIP 2's own (NaFlex) resize    |
-| `ijepa`                   | `IJepaModel`           | 14    | 0                       | learned table, resampled as timm  |
-| `aimv2_vision_model`      | `Aimv2VisionModel`     | 14    | 0                       | learned table, resampled as timm  |
-| `vit_mae`                 | `ViTMAEModel`          | 16    | 1 (CLS)                 | sin-cos table, resampled as timm  |
-| `metaclip_2_vision_model` | `MetaClip2VisionModel` | 14    | 1 (CLS)                 | learned table, resampled as timm  |
-| `radio`                   | `RadioModel`           | 16    | CLS tokens + registers  | RADIO's own (CPE) crop and resize |
+| model type                | class                      | patch | prefix tokens          | positions at other sizes          |
+|---------------------------|----------------------------|-------|------------------------|-----------------------------------|
+| `dinov2`                  | `Dinov2Model`              | 14    | 1 (CLS)                | learned table, resampled as timm  |
+| `dinov2_with_registers`   | `Dinov2WithRegistersModel` | 14    | 1 + registers          | learned table, resampled as timm  |
+| `clip_vision_model`       | `CLIPVisionModel`          | 16    | 1 (CLS)                | learned table, resampled as timm  |
+| `vit`                     | `ViTModel`                 | 16    | 1 (CLS)                | learned table, resampled as timm  |
+| `dinov3_vit`              | `DINOv3ViTModel`           | 16    | 1 + registers          | RoPE (nothing to resample)        |
+| `siglip_vision_model`     | `SiglipVisionModel`        | 16    | 0                      | learned table, resampled as timm  |
+| `siglip2_vision_model`    | `Siglip2VisionModel`       | 16    | 0                      | SigLIP 2's own (NaFlex) resize    |
+| `ijepa`                   | `IJepaModel`               | 14    | 0                      | learned table, resampled as timm  |
+| `aimv2_vision_model`      | `Aimv2VisionModel`         | 14    | 0                      | learned table, resampled as timm  |
+| `vit_mae`                 | `ViTMAEModel`              | 16    | 1 (CLS)                | sin-cos table, resampled as timm  |
+| `metaclip_2_vision_model` | `MetaClip2VisionModel`     | 14    | 1 (CLS)                | learned table, resampled as timm  |
+| `radio`                   | `RadioModel`               | 16    | CLS tokens + registers | RADIO's own (CPE) crop and resize |
 
 Features are the last block's tokens after the family's final norm (applied to every token),
 prefix tokens dropped. "Resampled as timm" is timm's `resample_abs_pos_embed` (bicubic with
@@ -59,6 +59,7 @@ class BackboneAdapter:
 
     Args:
         model_type: the config's `model_type` (the key in `ADAPTERS`).
+        family: the family (`FAMILIES`) of a config of this type that names none (`fit3d_family`).
         model_class: name of the transformers class built and loaded (the bare encoder).
         prefix_tokens: what sums to the number of tokens before the patch grid: ints, and names
             of config attributes (e.g. `(1, "num_register_tokens")`).
@@ -79,6 +80,7 @@ class BackboneAdapter:
     """
 
     model_type: str
+    family: str
     model_class: str
     prefix_tokens: tuple[int | str, ...]
     final_norm: str | None
@@ -128,53 +130,53 @@ ADAPTERS: dict[str, BackboneAdapter] = {
     adapter.model_type: adapter
     for adapter in (
         BackboneAdapter(
-            model_type="dinov2", model_class="Dinov2Model", prefix_tokens=(1,), final_norm="layernorm",
+            model_type="dinov2", family="dinov2", model_class="Dinov2Model", prefix_tokens=(1,), final_norm="layernorm",
             mean_std=_IMAGENET, positions="timm",
         ),
         BackboneAdapter(
-            model_type="dinov2_with_registers", model_class="Dinov2WithRegistersModel",
+            model_type="dinov2_with_registers", family="dinov2_reg", model_class="Dinov2WithRegistersModel",
             prefix_tokens=(1, "num_register_tokens"), final_norm="layernorm", mean_std=_IMAGENET, positions="timm",
         ),
         BackboneAdapter(
-            model_type="clip_vision_model", model_class="CLIPVisionModel", prefix_tokens=(1,), final_norm="post_layernorm",
+            model_type="clip_vision_model", family="clip", model_class="CLIPVisionModel", prefix_tokens=(1,), final_norm="post_layernorm",
             mean_std=_CLIP, positions="timm", interpolate_flag=True,
         ),
         BackboneAdapter(
-            model_type="vit", model_class="ViTModel", prefix_tokens=(1,), final_norm="layernorm", mean_std=_IMAGENET,
+            model_type="vit", family="mae", model_class="ViTModel", prefix_tokens=(1,), final_norm="layernorm", mean_std=_IMAGENET,
             positions="timm", interpolate_flag=True, dropped_modules=("pooler.",),
         ),
         BackboneAdapter(
-            model_type="dinov3_vit", model_class="DINOv3ViTModel", prefix_tokens=(1, "num_register_tokens"),
+            model_type="dinov3_vit", family="dinov3", model_class="DINOv3ViTModel", prefix_tokens=(1, "num_register_tokens"),
             final_norm="norm", mean_std=_IMAGENET, positions="rope",
         ),
         BackboneAdapter(
-            model_type="siglip_vision_model", model_class="SiglipVisionModel", prefix_tokens=(), final_norm="post_layernorm",
+            model_type="siglip_vision_model", family="siglip", model_class="SiglipVisionModel", prefix_tokens=(), final_norm="post_layernorm",
             mean_std=_SIGLIP, positions="timm", interpolate_flag=True, build_config={"vision_use_head": False},
             dropped_modules=("head.",),
         ),
         _Siglip2Adapter(
-            model_type="siglip2_vision_model", model_class="Siglip2VisionModel", prefix_tokens=(),
+            model_type="siglip2_vision_model", family="siglip2", model_class="Siglip2VisionModel", prefix_tokens=(),
             final_norm="post_layernorm", mean_std=_SIGLIP, positions="naflex", build_config={"vision_use_head": False},
             dropped_modules=("head.",),
         ),
         BackboneAdapter(
-            model_type="ijepa", model_class="IJepaModel", prefix_tokens=(), final_norm="layernorm", mean_std=_IMAGENET,
+            model_type="ijepa", family="ijepa", model_class="IJepaModel", prefix_tokens=(), final_norm="layernorm", mean_std=_IMAGENET,
             positions="timm", interpolate_flag=True, dropped_modules=("pooler.",),
         ),
         BackboneAdapter(
-            model_type="aimv2_vision_model", model_class="Aimv2VisionModel", prefix_tokens=(), final_norm="rms_norm",
+            model_type="aimv2_vision_model", family="aimv2", model_class="Aimv2VisionModel", prefix_tokens=(), final_norm="rms_norm",
             mean_std=_CLIP, positions="aimv2", build_config={"use_head": False}, dropped_modules=("head.",),
         ),
         _ViTMAEAdapter(
-            model_type="vit_mae", model_class="ViTMAEModel", prefix_tokens=(1,), final_norm="layernorm", mean_std=_IMAGENET,
+            model_type="vit_mae", family="vit_mae", model_class="ViTMAEModel", prefix_tokens=(1,), final_norm="layernorm", mean_std=_IMAGENET,
             positions="timm", runtime_config={"mask_ratio": 0.0},
         ),
         BackboneAdapter(
-            model_type="metaclip_2_vision_model", model_class="MetaClip2VisionModel", prefix_tokens=(1,),
+            model_type="metaclip_2_vision_model", family="metaclip2", model_class="MetaClip2VisionModel", prefix_tokens=(1,),
             final_norm="post_layernorm", mean_std=_CLIP, positions="timm", interpolate_flag=True,
         ),
         BackboneAdapter(
-            model_type="radio", model_class="RadioModel", prefix_tokens=("num_cls_tokens", "num_registers"),
+            model_type="radio", family="radio", model_class="RadioModel", prefix_tokens=("num_cls_tokens", "num_registers"),
             final_norm=None, mean_std=(IDENTITY_MEAN, IDENTITY_STD), positions="cpe",
         ),
     )
@@ -210,7 +212,7 @@ _FAMILIES = {
             value_bias=True,
             pos_embed_rescale=2.0,
         ),
-    ),  # fmt: skip
+    ),
     "siglip": (
         "siglip_vision_model",
         dict(patch_size=16, image_size=224, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False),
@@ -231,9 +233,6 @@ _FAMILIES = {
 FAMILIES = tuple(_FAMILIES)
 # The families of the official FiT3D releases (the paper's six backbones).
 PAPER_FAMILIES = ("dinov2", "dinov2_reg", "clip", "mae", "deit3")
-# The family a config of a model type belongs to unless it names one (`fit3d_family`).
-_DEFAULT_FAMILY = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2_reg", "clip_vision_model": "clip", "vit": "mae"}
-_DEFAULT_FAMILY.update({model_type: name for name, (model_type, _) in _FAMILIES.items() if model_type not in _DEFAULT_FAMILY})
 
 
 def _sizes(hidden: int, layers: int, heads: int, **more) -> dict:
@@ -335,8 +334,8 @@ def adapter_of(config: PreTrainedConfig) -> BackboneAdapter:
 def family_of(config: PreTrainedConfig) -> str:
     """The family (one of `FAMILIES`) of a backbone config or a FiT3DConfig."""
     config = _backbone_config_of(config)
-    adapter_of(config)
-    return getattr(config, "fit3d_family", None) or _DEFAULT_FAMILY[config.model_type]
+    adapter = adapter_of(config)
+    return getattr(config, "fit3d_family", None) or adapter.family
 
 
 def patch_size_of(config: PreTrainedConfig) -> int:
@@ -578,7 +577,7 @@ def load_backbone(path: str, **kwargs) -> PreTrainedModel:
     adapter = adapter_of(config)
     if "pooler." in adapter.dropped_modules:
         kwargs["add_pooling_layer"] = False
-    return prepare_backbone(_model_class(adapter).from_pretrained(path, **adapter.build_config, **kwargs))
+    return prepare_backbone(_model_class(adapter).from_pretrained(path, **{**adapter.build_config, **kwargs}))
 
 
 def backbone_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:

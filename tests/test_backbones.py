@@ -247,6 +247,20 @@ def test_unsupported_model_type_lists_the_supported_ones_and_what_an_adapter_nee
         backbones.build_backbone(SwinConfig())
 
 
+def test_backbone_specs_of_new_families():
+    from fit3d_hf.backbone_specs import backbone_name, load_backbone_spec
+
+    first, name = load_backbone_spec("tiny:dinov3", seed=1)
+    again, _ = load_backbone_spec("tiny:dinov3", seed=1)
+    assert name == "tiny:dinov3 (random init, seed 1)" == backbone_name(first)
+    assert backbones.weights_checksum(first) == backbones.weights_checksum(again) != backbones.weights_checksum(tiny("dinov3"))
+    with torch.device("meta"):  # a published size, without allocating it
+        large, _ = load_backbone_spec("random:aimv2_1b")
+    assert type(large).__name__ == "Aimv2VisionModel" and backbones.hidden_size_of(large.config) == 2048
+    with pytest.raises(ValueError, match="unknown backbone family 'swin'.*dinov3"):
+        load_backbone_spec("tiny:swin")
+
+
 def test_deit3_family_survives_save_and_load(tmp_path):
     model = tiny("deit3")
     model.save_pretrained(tmp_path)

@@ -235,3 +235,54 @@ def test_radio_matches_timm_naflex():
     # RADIO normalises inside the model; timm's takes CLIP-normalised images.
     clip_normalize = lambda images: backbones.normalize(images, backbones.tiny_config("clip"))  # noqa: E731
     compare("radio", reference, state, timm_images=clip_normalize)
+
+
+# Each preset's timm reference architecture (built on the meta device: no memory, no weights).
+PRESET_TIMM_ARCHITECTURES = {
+    "dinov2_small": "vit_small_patch14_dinov2", "dinov2_base": "vit_base_patch14_dinov2",
+    "dinov2_large": "vit_large_patch14_dinov2", "dinov2_giant": "vit_giant_patch14_dinov2",
+    "dinov2_reg_small": "vit_small_patch14_reg4_dinov2", "dinov2_reg_base": "vit_base_patch14_reg4_dinov2",
+    "dinov2_reg_large": "vit_large_patch14_reg4_dinov2", "dinov2_reg_giant": "vit_giant_patch14_reg4_dinov2",
+    "clip_base": "vit_base_patch16_clip_384", "clip_large": "vit_large_patch14_clip_224",
+    "mae_base": "vit_base_patch16_224", "mae_large": "vit_large_patch16_224", "mae_huge": "vit_huge_patch14_224",
+    "deit3_small": "deit3_small_patch16_224", "deit3_base": "deit3_base_patch16_224", "deit3_large": "deit3_large_patch16_224",
+    "dinov3_small": "vit_small_patch16_dinov3_qkvb", "dinov3_small_plus": "vit_small_plus_patch16_dinov3_qkvb",
+    "dinov3_base": "vit_base_patch16_dinov3_qkvb", "dinov3_large": "vit_large_patch16_dinov3_qkvb",
+    "dinov3_huge_plus": "vit_huge_plus_patch16_dinov3_qkvb",
+    "siglip_base": "vit_base_patch16_siglip_224", "siglip_large": "vit_large_patch16_siglip_256",
+    "siglip_so400m": "vit_so400m_patch14_siglip_224",
+    "siglip2_base": "naflexvit_base_patch16_siglip", "siglip2_large": "vit_large_patch16_siglip_256",
+    "siglip2_so400m": "naflexvit_so400m_patch16_siglip", "siglip2_giant": "vit_giantopt_patch16_siglip_256",
+    "ijepa_huge": "vit_huge_patch14_gap_224", "ijepa_giant": "vit_giant_patch16_gap_224",
+    "aimv2_large": "aimv2_large_patch14_224", "aimv2_huge": "aimv2_huge_patch14_224", "aimv2_1b": "aimv2_1b_patch14_224",
+    "vit_mae_base": "vit_base_patch16_224", "vit_mae_large": "vit_large_patch16_224", "vit_mae_huge": "vit_huge_patch14_224",
+    "metaclip2_huge": "vit_huge_patch14_clip_224", "metaclip2_gigantic": "vit_gigantic_patch14_clip_224",
+    "radio_base": "vit_base_patch16_radio_v3", "radio_large": "vit_large_patch16_radio_v3",
+    "radio_huge": "vit_huge_patch16_radio_v3",
+}  # fmt: skip
+# Layer scales are left out: transformers' RADIO always has them, timm's ViT-H RADIO has none.
+LAYER_SCALE = re.compile(r"ls\d|gamma|layer_scale|lambda1")
+
+
+def block_parameters(model: torch.nn.Module, blocks: str) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if re.search(blocks, n) and not LAYER_SCALE.search(n))
+
+
+def test_every_preset_has_a_reference_architecture():
+    assert set(PRESET_TIMM_ARCHITECTURES) == set(backbones.PRESETS)
+
+
+@pytest.mark.parametrize(
+    "preset",
+    [
+        p if p in ("dinov2_small", "dinov3_small", "siglip2_base") else pytest.param(p, marks=pytest.mark.slow)
+        for p in backbones.PRESETS
+    ],
+)
+def test_preset_blocks_match_the_reference_architecture(preset):
+    """Width, depth, heads and MLP of every preset: the transformer blocks hold exactly the reference's parameters."""
+    with torch.device("meta"):
+        ours = backbones.build_backbone(backbones.preset_config(preset))
+        reference = timm.create_model(PRESET_TIMM_ARCHITECTURES[preset], pretrained=False, num_classes=0)
+    assert block_parameters(ours, r"(^|\.)layers?\.\d+\.") == block_parameters(reference, r"^blocks\.\d+\.") > 0
+    assert backbones.patch_size_of(ours.config) == int(re.search(r"patch(\d+)", PRESET_TIMM_ARCHITECTURES[preset]).group(1))
