@@ -569,15 +569,30 @@ def load_backbone(path: str, **kwargs) -> PreTrainedModel:
     """Load a saved transformers backbone (a local folder or Hub id) of a supported type, prepared.
 
     A composite image-text model (CLIP, SigLIP, SigLIP 2, AIMv2, MetaCLIP 2) loads as its vision
-    tower. `kwargs` go to `from_pretrained` (e.g. `dtype=torch.bfloat16`).
+    tower. `kwargs` go to `from_pretrained` (e.g. `dtype=torch.bfloat16`). A checkpoint that
+    leaves weights of the model unfilled is an error, not a silently random model.
     """
     config = AutoConfig.from_pretrained(path)
+    if config.model_type == "fit3d":
+        raise ValueError(
+            f"{path} holds a FiT3DModel (an original and a fine-tuned backbone), not a backbone: load it with "
+            "FiT3DModel.from_pretrained, or save one of its backbones (model.finetuned.save_pretrained) and pass that"
+        )
     if config.model_type not in ADAPTERS and _vision_config_of(config) is not None:
         config = _vision_config_of(config)
+        # The tower's weights are `vision_model.*` in the composite checkpoint (not every class strips the prefix).
+        kwargs.setdefault("key_mapping", {r"^vision_model\.": ""})
     adapter = adapter_of(config)
     if "pooler." in adapter.dropped_modules:
         kwargs["add_pooling_layer"] = False
-    return prepare_backbone(_model_class(adapter).from_pretrained(path, **{**adapter.build_config, **kwargs}))
+    model_class = _model_class(adapter)
+    model, info = model_class.from_pretrained(path, output_loading_info=True, **{**adapter.build_config, **kwargs})
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"{path}: the checkpoint leaves {len(missing)} weights of {model_class.__name__} unfilled, e.g. {missing[:5]}"
+        )
+    return prepare_backbone(model)
 
 
 def backbone_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:

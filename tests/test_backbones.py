@@ -247,6 +247,23 @@ def test_unsupported_model_type_lists_the_supported_ones_and_what_an_adapter_nee
         backbones.build_backbone(SwinConfig())
 
 
+def test_a_checkpoint_that_does_not_fill_the_model_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny("ijepa").save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["layernorm.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"leaves 1 weights of IJepaModel unfilled.*layernorm.weight"):
+        backbones.load_backbone(str(tmp_path))
+
+
+def test_a_fit3d_folder_is_not_a_backbone(tmp_path):
+    FiT3DModel.from_backbone(tiny("dinov2")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a FiT3DModel.*model.finetuned.save_pretrained"):
+        backbones.load_backbone(str(tmp_path))
+
+
 def test_backbone_specs_of_new_families():
     from fit3d_hf.backbone_specs import backbone_name, load_backbone_spec
 
@@ -271,7 +288,13 @@ def test_deit3_family_survives_save_and_load(tmp_path):
 
 @pytest.mark.parametrize(
     ("composite", "family"),
-    [("SiglipConfig", "siglip"), ("Siglip2Config", "siglip2"), ("CLIPConfig", "clip"), ("MetaClip2Config", "metaclip2")],
+    [
+        ("SiglipConfig", "siglip"),
+        ("Siglip2Config", "siglip2"),
+        ("CLIPConfig", "clip"),
+        ("MetaClip2Config", "metaclip2"),
+        ("Aimv2Config", "aimv2"),
+    ],
 )
 def test_image_text_model_loads_as_its_vision_tower(composite, family, tmp_path):
     import transformers
