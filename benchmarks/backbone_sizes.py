@@ -164,7 +164,8 @@ def main() -> None:
             f"{row['step_flops'] / 1e9:.0f} | {row['step_seconds']:.2f} | {row['peak_rss_bytes'] / 2**30:.2f} | {row['how']} |"
         )
     if args.output:
-        atomic_write_json(args.output, dict(args=vars(args), cpu=cpu, rows=rows))
+        record = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, load_average_at_end=os.getloadavg()[0])
+        atomic_write_json(args.output, dict(record, args=vars(args), cpu=cpu, rows=rows))
 
 
 if __name__ == "__main__":
