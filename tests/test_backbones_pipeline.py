@@ -54,11 +54,12 @@ def run_pipeline(family: str, tmp_path, evaluate: bool) -> None:
 
     model = FiT3DModel.from_pretrained(tmp_path / "model").eval()
     assert backbones.family_of(model.config) == family
-    images = backbones.normalize(room.images([0, 1])[:, :, : grid[0] * patch, : grid[1] * patch], model.config)
+    crop = backbones.input_size(HEIGHT, WIDTH, patch)  # rounded down: 48x64, or 42x56 at patch 14
+    images = backbones.normalize(room.images([0, 1])[:, :, : crop[0], : crop[1]], model.config)
     with torch.no_grad():
         output = model(images)
         expected = backbones.extract_features(backbone, images)
-    assert output.feature_maps.shape == (2, 2 * width, *grid)
+    assert output.feature_maps.shape == (2, 2 * width, crop[0] // patch, crop[1] // patch)
     # The original half is the untouched backbone's (prefix tokens dropped, the patch grid in order).
     torch.testing.assert_close(output.feature_maps[:, :width], expected.feature_maps, rtol=0, atol=0)
     torch.testing.assert_close(output.cls_token, expected.cls_token, rtol=0, atol=0)
