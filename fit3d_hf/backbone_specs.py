@@ -2,9 +2,12 @@
 
 Specs:
     "embedded"          the package's small SimMIM-pretrained ViT (`fit3d_hf.embedded`)
-    "tiny:<family>"     a tiny randomly initialised backbone of a family (`backbones.tiny_config`)
-    "random:<preset>"   a randomly initialised backbone of an official size (`backbones.preset_config`)
-    a folder or Hub id  a saved transformers backbone (`backbones.load_backbone`)
+    "tiny:<family>"     a tiny randomly initialised backbone of a family (`backbones.tiny_config`,
+                        `backbones.FAMILIES`: dinov2, dinov3, siglip2, radio, ...)
+    "random:<preset>"   a randomly initialised backbone of a published size (`backbones.preset_config`,
+                        `backbones.PRESETS`: dinov2_giant, dinov3_large, aimv2_1b, ...)
+    a folder or Hub id  a saved transformers model of a supported type (`backbones.ADAPTERS`; an
+                        image-text model loads as its vision tower; `backbones.load_backbone`)
 
 Random weights are drawn from `seed`, so every process and every stage given the same spec and
 seed builds the same backbone. The name returned is recorded in every artifact made with it.
@@ -17,7 +20,8 @@ from . import backbones
 
 BACKBONE_SPEC_HELP = (
     "Backbone: 'embedded' (the package's small pre-trained ViT), 'tiny:<family>' or 'random:<preset>' "
-    "(randomly initialised, seeded by --seed), or a transformers model folder / Hub id."
+    "(randomly initialised, seeded by --seed), or a transformers model folder / Hub id of a supported type "
+    "(DINOv2, DINOv3, CLIP, SigLIP, SigLIP 2, MAE, I-JEPA, AIMv2, MetaCLIP 2, RADIO, ...; docs/backbones.md)."
 )
 
 

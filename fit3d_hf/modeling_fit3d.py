@@ -17,13 +17,13 @@ from transformers import PreTrainedModel
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling
 from transformers.utils.output_capturing import (
-    maybe_install_capturing_hooks,
     resolve_hidden_states_indices,
     selected_hidden_states,
 )
 
 from .backbones import (
     BackboneFeatures,
+    backbone_state_dict,
     build_backbone,
     extract_features,
     family_of,
@@ -32,6 +32,7 @@ from .backbones import (
     load_backbone,
     num_prefix_tokens_of,
     patch_size_of,
+    prepare_backbone,
 )
 from .configuration_fit3d import FiT3DConfig
 
@@ -109,12 +110,6 @@ class FiT3DPreTrainedModel(PreTrainedModel):
         self.finetuned = build_backbone(config.backbone_config)
         self.original.requires_grad_(False)
 
-    def post_init(self) -> None:
-        super().post_init()
-        # The copies are always asked for their hidden states, and transformers installs the hooks that record
-        # them at the first such call, a graph break under torch.compile: install them now, as backbones do.
-        maybe_install_capturing_hooks(self)
-
     def _init_weights(self, module: torch.nn.Module) -> None:
         # Each backbone class knows how to initialise its own modules.
         self.finetuned._init_weights(module)
@@ -125,6 +120,10 @@ class FiT3DPreTrainedModel(PreTrainedModel):
         # `output_loading_info=True` returns `(model, loading_info)`.
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.original.requires_grad_(False)  # loading makes fresh Parameters, trainable by default
+        # Built on the meta device, the copies could not be fully prepared (`prepare_backbone`'s first
+        # call installs transformers' hooks): do it now, so the loaded model compiles with fullgraph.
+        for backbone in (model.original, model.finetuned):
+            prepare_backbone(backbone)
         return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
@@ -195,8 +194,8 @@ class FiT3DModel(FiT3DPreTrainedModel):
         """Pair a backbone with a copy of itself for fine-tuning; both start from its weights.
 
         Args:
-            backbone: a transformers backbone of one of the FiT3D families, or a local folder
-                (or Hub id) holding one.
+            backbone: a transformers backbone of a supported type (`backbones.ADAPTERS`), or a
+                local folder (or Hub id) holding one.
             assembly: see `FiT3DConfig.assembly`.
         """
         if isinstance(backbone, (str, os.PathLike)):
@@ -204,8 +203,8 @@ class FiT3DModel(FiT3DPreTrainedModel):
         family_of(backbone.config)  # a clear error for a model that is no FiT3D backbone
         config = FiT3DConfig(backbone_config=copy.deepcopy(backbone.config), assembly=assembly)
         model = cls(config).to(backbone.dtype)
-        # A ViTModel loaded with its (unused) pooler carries pooler.* weights; nothing else may differ.
-        state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("pooler.")}
+        # A backbone may carry modules FiT3D does not build (a pooler, a pooling head); nothing else may differ.
+        state = backbone_state_dict(backbone)
         for target in (model.original, model.finetuned):
             target.load_state_dict(state, strict=True)
         return model.to(backbone.device)
@@ -278,6 +277,11 @@ class FiT3DBackbone(BackboneMixin, FiT3DPreTrainedModel):
         width = hidden_size_of(config) * (2 if config.assembly == "concat" else 1)
         self.num_features = [width] * len(config.stage_names)
         self.post_init()
+
+    def post_init(self) -> None:
+        # Not BackboneMixin's: it installs transformers' output hooks over the whole model, a second time on
+        # the copies that `prepare_backbone` already hooked, and their hidden states would be recorded twice.
+        FiT3DPreTrainedModel.post_init(self)
 
     def _stage_map(self, backbone: PreTrainedModel, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Tokens `[B, P + h*w, Cb]` of one layer -> normed patch features `[B, Cb, h, w]`."""

@@ -363,9 +363,7 @@ def test_backbone_stages_are_normed_layers_of_both_copies(family, tmp_path):
         expected_last = model(pixels(model)).feature_maps
         layer = {
             name: copy(
-                pixels(model),
-                output_hidden_states=True,
-                **({"interpolate_pos_encoding": True} if family in ("clip", "mae") else {}),
+                **backbones.adapter_of(copy.config).model_inputs(copy, pixels(model)), output_hidden_states=True
             ).hidden_states[1]
             for name, copy in (("original", model.original), ("finetuned", model.finetuned))
         }
@@ -395,16 +393,13 @@ def test_backbone_in_upernet_forward_and_backward():
     assert not model.backbone.original.training and model.backbone.finetuned.training
 
 
-@pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported,
-    strict=True,
-    reason="backbones.extract_features re-installs timm's interpolation with types.MethodType on every call, a graph "
-    "break; once backbones installs it at build time this passes: remove this mark",
-)
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, tmp_path):
     torch._dynamo.reset()
     model = tiny_model("dinov2_reg", seed=17)
+    # A loaded model (built on the meta device, then prepared) compiles as one graph too.
+    model.save_pretrained(tmp_path)
+    model = FiT3DModel.from_pretrained(tmp_path).eval()
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     with torch.no_grad():
         expected = model(pixels(model))
