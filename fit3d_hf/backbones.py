@@ -251,12 +251,16 @@ def build_backbone(config: PreTrainedConfig) -> PreTrainedModel:
 def load_backbone(path: str, **kwargs) -> PreTrainedModel:
     """Load a saved transformers backbone (a local folder or Hub id) as its family's class.
 
-    `kwargs` go to `from_pretrained` (e.g. `dtype=torch.bfloat16`).
+    `kwargs` go to `from_pretrained` (e.g. `dtype=torch.bfloat16`); with `output_loading_info=True`
+    the result is `(model, loading_info)`, as from `from_pretrained`.
     """
     family = family_of(AutoConfig.from_pretrained(path))
     if family == "mae":
         kwargs["add_pooling_layer"] = False
-    return use_timm_interpolation(_MODEL_CLASSES[family].from_pretrained(path, **kwargs))
+    loaded = _MODEL_CLASSES[family].from_pretrained(path, **kwargs)
+    if kwargs.get("output_loading_info"):
+        return use_timm_interpolation(loaded[0]), loaded[1]
+    return use_timm_interpolation(loaded)
 
 
 def num_prefix_tokens_of(config: PreTrainedConfig) -> int:
