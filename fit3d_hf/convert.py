@@ -82,7 +82,9 @@ def load_timm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     elif path.suffix in (".pth", ".pt", ".bin"):
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as error:
+            if "Unsupported global" not in str(error):  # not an object, just not a pickle of tensors
+                raise ConversionError(f"{path}: not a readable torch checkpoint (not a pickled state dict)") from None
             # torch's own message advises weights_only=False, which would run the pickle's code.
             raise ConversionError(
                 f"{path}: refused, it holds Python objects besides tensors; fit3d_hf loads checkpoints weights only "

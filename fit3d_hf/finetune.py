@@ -158,23 +158,26 @@ def check_dataset(dataset: datasets.Dataset, backbone_config) -> None:
     metadata = targets_metadata(dataset)
     made_for = metadata.get("backbone", {}).get("name_or_path") or "another backbone"
     if hidden_size != width:
-        raise ValueError(
+        raise InputError(
             f"the dataset's targets are {hidden_size}-dimensional (rendered for {made_for}) but the backbone "
             f"is {width} wide; render targets with the backbone you fine-tune (`fit3d render --backbone ...`)"
         )
     if len(dataset) == 0:
-        raise ValueError("the targets dataset is empty")
+        raise InputError("the targets dataset is empty")
     if metadata.get("valid_fraction") and not any(metadata["valid_fraction"].values()):
-        raise ValueError(
+        raise InputError(
             "no target cell of the dataset is valid (every mask is 0: the renders cover nothing); "
             "lift the scenes longer or check the scene masks"
         )
     image = dataset.select_columns(["image"]).with_format("torch")[0]["image"]
     patch = backbones.patch_size_of(backbone_config)
     height, width_px = image.shape[-2:]
-    backbones.check_image_size(height, width_px, backbone_config)
+    try:
+        backbones.check_image_size(height, width_px, backbone_config)
+    except ValueError as error:
+        raise InputError(f"the targets dataset's images do not fit the backbone: {error}") from error
     if (height // patch, width_px // patch) != (grid_height, grid_width):
-        raise ValueError(
+        raise InputError(
             f"images of {height}x{width_px} give a {height // patch}x{width_px // patch} patch grid at patch size "
             f"{patch}, but the targets are {grid_height}x{grid_width}; the dataset was rendered for another patch size"
         )
@@ -292,6 +295,23 @@ def finetune(
         # Parameters outside the patch-token path (e.g. DINOv2's mask token) get no gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    provenance = {
+        "backbone": identity,
+        "targets": _targets_identity(dataset),
+        "finetune_config": {key: value for key, value in asdict(config).items() if key not in RESULT_INDEPENDENT_FIELDS},
+        "num_processes": accelerator.num_processes,
+    }
+    if resume_from_checkpoint is not None:
+        trainer_state = json.loads((resume_from_checkpoint / TRAINER_STATE_FILE).read_text())
+        check_provenance(
+            trainer_state.get(PROVENANCE_KEY),
+            provenance,
+            artifact=f"the checkpoint {resume_from_checkpoint}",
+            fix=(
+                "resume with the targets, backbone, settings and number of processes it was started with, "
+                "or start anew in another --output_dir"
+            ),
+        )
     # The main process holds the folder's lock; a run that raises leaves it to this process or to a later run (stale).
     claim = contextlib.ExitStack()
     if accelerator.is_main_process:
@@ -299,12 +319,6 @@ def finetune(
         remove_stale_temporaries(output_dir)
         remove_stale_temporaries(output_dir.parent)
     accelerator.wait_for_everyone()
-    provenance = {
-        "backbone": identity,
-        "targets": _targets_identity(dataset),
-        "finetune_config": {key: value for key, value in asdict(config).items() if key not in RESULT_INDEPENDENT_FIELDS},
-        "num_processes": accelerator.num_processes,
-    }
     set_seed(config.seed)
     if log_with is not None:
         accelerator.init_trackers("fit3d_finetune", config=asdict(config))
@@ -335,14 +349,6 @@ def finetune(
     global_step = 0
     losses: list[tuple[int, float]] = []
     if resume_from_checkpoint is not None:
-        state_file = resume_from_checkpoint / TRAINER_STATE_FILE
-        trainer_state = json.loads(state_file.read_text())
-        check_provenance(
-            trainer_state.get(PROVENANCE_KEY),
-            provenance,
-            artifact=f"the checkpoint {resume_from_checkpoint}",
-            fix="resume with the targets, backbone, settings and number of processes it was started with, or start anew in another --output_dir",
-        )
         accelerator.load_state(str(resume_from_checkpoint))
         global_step = trainer_state["global_step"]
         losses = [tuple(entry) for entry in trainer_state["losses"]]
@@ -448,6 +454,11 @@ def _resume_point(output_dir: Path, resume: str | os.PathLike | None) -> Path | 
             return latest
         resume = None
     if resume is None:
+        if latest is not None and has_model:
+            raise OutputError(
+                f"{output_dir} already holds a fine-tuned model (and its checkpoints); choose another --output_dir, "
+                "or delete it to fine-tune again (fine-tuning never overwrites a model)"
+            )
         if latest is not None:
             raise OutputError(
                 f"{output_dir} holds the checkpoints of an unfinished run ({latest.name}); continue it with "

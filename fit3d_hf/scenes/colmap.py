@@ -274,7 +274,7 @@ def load_colmap(
             image_root,
             image.name,
             source=where,
-            what=f"image '{image.name}'",
+            what="image",
             allow_external_paths=allow_external_paths,
         )
         for image in ordered
