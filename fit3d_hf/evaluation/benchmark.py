@@ -659,8 +659,8 @@ def _check_results(results: dict, config: BenchmarkConfig) -> None:
         )
 
 
-def _check_hf_split(data, split: str, column: str, path: str):
-    """The split `split` of a `datasets` folder, with errors that say what the folder holds."""
+def _check_hf_split(data, split: str, column: str, path: str) -> None:
+    """Refuse a `datasets` folder without the split `split`, saying what the folder holds."""
     from datasets import DatasetDict
 
     if not isinstance(data, DatasetDict):
@@ -672,7 +672,6 @@ def _check_hf_split(data, split: str, column: str, path: str):
         raise InputError(
             f"--hf_dataset {path} has no split {split!r} (its splits: {sorted(data)}); pass {column} with one of them"
         )
-    return data[split]
 
 
 def _check_hf_labels(data: EvalDataset, split: str, args: EvaluationArguments) -> None:

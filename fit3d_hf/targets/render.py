@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -165,7 +166,7 @@ def render_targets(
         raise OutputError(f"{output_dir} already exists; remove it or choose another output_dir")
     check_output_folder(output_dir, what="the targets output folder")
     scenes = list(scenes)
-    repeated = sorted({scene.scene_id for scene in scenes if [s.scene_id for s in scenes].count(scene.scene_id) > 1})
+    repeated = sorted(scene_id for scene_id, count in Counter(scene.scene_id for scene in scenes).items() if count > 1)
     if repeated:
         raise InputError(f"scene ids {repeated} appear more than once: each scene is rendered once")
     if not scenes:
