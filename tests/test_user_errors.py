@@ -488,3 +488,16 @@ def test_values_a_config_refuses_are_usage_errors(argv, message, tmp_path, capsy
         main([*argv, "--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_refuses_files_is_found_before_any_work(tmp_path, monkeypatch):
+    """Item 6, read-only: root writes through permission bits, so the refusal is simulated where it is detected."""
+    import fit3d_hf.io
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fit3d_hf.io.tempfile, "mkstemp", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lift", "--output_dir", str(tmp_path / "out"), "--synthetic_rooms", "1"])
+    assert exit_info.value.code == USER_ERROR_EXIT_CODE and not (tmp_path / "out").exists()
