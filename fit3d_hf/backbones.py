@@ -597,9 +597,12 @@ def load_backbone(path: str, **kwargs) -> PreTrainedModel:
     model_class = _model_class(adapter)
     model, info = model_class.from_pretrained(path, output_loading_info=True, **{**adapter.build_config, **kwargs})
     if info["missing_keys"]:
+        # transformers would fill them with random values and only log a warning
         missing = sorted(info["missing_keys"])
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(
-            f"{path}: the checkpoint leaves {len(missing)} weights of {model_class.__name__} unfilled, e.g. {missing[:5]}"
+            f"{path}: its checkpoint lacks {len(missing)} weight(s) of the model ({shown}); transformers would fill "
+            f"them with random values. Pass a folder whose weights match its config.json ({model_class.__name__})"
         )
     return prepare_backbone(model)
 

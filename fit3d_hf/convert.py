@@ -10,14 +10,17 @@ processor. The folder appears only when everything succeeded.
 import copy
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .backbones import build_backbone, family_of, hidden_size_of, make_image_processor, patch_size_of
 from .configuration_fit3d import FiT3DConfig
+from .errors import InputError
 from .io import atomic_directory
 from .modeling_fit3d import FiT3DModel
 
@@ -59,8 +62,8 @@ _BLOCK_NAMES["dinov2_reg"] = _BLOCK_NAMES["deit3"] = _BLOCK_NAMES["dinov2"]
 _NO_CLS_POSITION = ("dinov2_reg", "deit3")
 
 
-class ConversionError(ValueError):
-    """A checkpoint that does not match the requested family or sizes."""
+class ConversionError(InputError):
+    """A checkpoint that does not match the requested family or sizes, or cannot be read."""
 
 
 def load_timm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -72,9 +75,23 @@ def load_timm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        state_dict = load_file(path)
+        try:
+            state_dict = load_file(path)
+        except (OSError, SafetensorError) as error:
+            raise ConversionError(f"{path}: not a readable safetensors file ({error}); it may be truncated") from None
     elif path.suffix in (".pth", ".pt", ".bin"):
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "Unsupported global" not in str(error):  # not an object, just not a pickle of tensors
+                raise ConversionError(f"{path}: not a readable torch checkpoint (not a pickled state dict)") from None
+            # torch's own message advises weights_only=False, which would run the pickle's code.
+            raise ConversionError(
+                f"{path}: refused, it holds Python objects besides tensors; fit3d_hf loads checkpoints weights only "
+                "(unpickling objects could run code). Re-save the state dict as safetensors where you trust the file"
+            ) from None
+        except (RuntimeError, EOFError, KeyError, ValueError, OSError) as error:
+            raise ConversionError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
     else:
         raise ConversionError(f"{path}: expected a .safetensors, .pth, .pt or .bin file")
     while isinstance(state_dict, dict) and len(state_dict) == 1 and next(iter(state_dict)) in ("model", "state_dict"):

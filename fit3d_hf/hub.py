@@ -9,6 +9,7 @@ a stage.
 """
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -18,8 +19,10 @@ import datasets
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, metadata_load, upload_folder
 
 from . import __version__
+from .errors import InputError, InputNotFoundError, ProvenanceError, ResultsError
 from .evaluation.report import METRIC_NAMES, results_table
-from .io import atomic_directory, atomic_write_text
+from .io import atomic_directory, atomic_write_text, remove_stale_temporaries
+from .provenance import PROVENANCE_KEY, weight_files_sha256
 from .targets import METADATA_FILE, bytes_per_view, target_shape, targets_metadata
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"
@@ -36,12 +39,15 @@ def load_results(path: str | os.PathLike) -> dict:
     """Read a results JSON written by the benchmark; errors name the file and what is missing."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"results file not found: {path}")
-    with open(path) as f:
-        results = json.load(f)
-    missing = [key for key in ("protocol", "sources", "results") if key not in results]
+        raise InputNotFoundError(f"results file not found: {path}")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not a JSON file ({error}); pass the results.json `fit3d evaluate` wrote") from error
+    missing = [key for key in ("protocol", "sources", "results") if not isinstance(results, dict) or key not in results]
     if missing:
-        raise ValueError(f"{path} is not a fit3d_hf benchmark results file: missing keys {missing}")
+        raise InputError(f"{path} is not a fit3d_hf benchmark results file: missing keys {missing}")
     return results
 
 
@@ -75,6 +81,31 @@ def eval_results_from(results: dict, source: str | None = None) -> list[EvalResu
     return entries
 
 
+def check_results_for_card(results: dict, path: str | os.PathLike, model_dir: str | os.PathLike) -> None:
+    """Refuse results that would put wrong numbers on the card of `model_dir`: values that are not
+    numbers (NaN), or results measured on other weights than the folder holds (their recorded
+    `provenance.model.weight_files_sha256`)."""
+    bad = sorted(
+        {
+            f"{row['source']}: {row['task']} {row['metric']}"
+            for row in results["results"]
+            if not all(map(math.isfinite, row["values"]))
+        }
+    )
+    if bad:
+        raise ResultsError(
+            f"{path} holds results that are not numbers ({', '.join(bad)}); a card never shows NaN as a result. "
+            "Run `fit3d evaluate` again (it refuses such results and says why)"
+        )
+    recorded = ((results.get(PROVENANCE_KEY) or {}).get("model") or {}).get("weight_files_sha256")
+    current = weight_files_sha256(model_dir)
+    if recorded is not None and current is not None and recorded != current:
+        raise ProvenanceError(
+            f"{path} was measured on other weights (sha256 {recorded[:12]}…) than {model_dir} holds ({current[:12]}…); "
+            f"evaluate {model_dir} itself (`fit3d evaluate --model {model_dir}`) and card those results"
+        )
+
+
 def write_model_card(
     model_dir: str | os.PathLike,
     *,
@@ -93,13 +124,17 @@ def write_model_card(
             Keys named like `ModelCardData` fields go to the YAML header; all are passed
             to the template.
         template: name of a template in `fit3d_hf/model_cards/` (without `.md`) or a path.
+
+    Raises:
+        ResultsError: the results hold a value that is not a number (`check_results_for_card`).
+        ProvenanceError: the results were measured on other weights than `model_dir` holds.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder not found: {model_dir}")
+        raise InputNotFoundError(f"model folder not found: {model_dir}")
     template_path = Path(template) if template.endswith(".md") else TEMPLATES_DIR / f"{template}.md"
     if not template_path.is_file():
-        raise FileNotFoundError(f"model card template not found: {template_path}")
+        raise InputNotFoundError(f"model card template not found: {template_path}")
     extra = dict(extra or {})
 
     config = {}
@@ -120,6 +155,7 @@ def write_model_card(
     eval_results = None
     if eval_results_path is not None:
         results = load_results(eval_results_path)
+        check_results_for_card(results, eval_results_path, model_dir)
         eval_results = eval_results_from(results) or None
         variables["results_table"] = results_table(results)
         variables["protocol"] = json.dumps(results["protocol"], indent=2, sort_keys=True)
@@ -132,6 +168,7 @@ def write_model_card(
     card_data = ModelCardData(model_name=variables["model_name"], eval_results=eval_results, **card_kwargs)
     variables.update(extra)
     card = ModelCard.from_template(card_data, template_path=str(template_path), **variables)
+    remove_stale_temporaries(model_dir)
     out = model_dir / "README.md"
     atomic_write_text(out, str(card))
     return out

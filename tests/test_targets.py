@@ -229,7 +229,7 @@ def test_render_command(tmp_path, lifted, room, backbone, capsys):
     assert load_targets(tmp_path / "targets")[0]["image"].shape == (3, 64, 80)
     assert targets_metadata(dataset)["backbone"]["name_or_path"] == str(tmp_path / "backbone")
     assert "wrote 3 views" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="give both --image_height and --image_width"):
         render.main(["--output_dir", str(tmp_path / "x"), "--synthetic_rooms", "1", "--image_height", "64"])
 
 

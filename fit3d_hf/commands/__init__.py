@@ -16,7 +16,8 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
     """Parse `argv` into instances of `dataclass_types`.
 
     `--config FILE.yaml` (a flat mapping of field names) sets defaults; flags given on the
-    command line override it. Unknown keys in the YAML file are an error naming them.
+    command line override it. Unknown keys in the YAML file are an error naming them. A value a
+    dataclass refuses (its `__post_init__`) is a usage error (exit code 2), like a bad flag.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     # Raw formatting keeps the example commands in a command's description on their own lines.
@@ -36,8 +37,13 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
         config_path = arg.split("=", 1)[1]
         argv = [a for a in argv if a is not arg]
     if config_path is not None:
-        with open(config_path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(config_path) as f:
+                values = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as error:
+            parser.error(f"--config {config_path}: {error}")
+        if not isinstance(values, dict):
+            parser.error(f"--config {config_path}: expected a mapping of option names to values")
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -47,6 +53,9 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
-    outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    try:
+        outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    except ValueError as error:  # a dataclass's own check of the values (e.g. LiftConfig's)
+        parser.error(str(error))
     # The extra `--config` option comes back as a Namespace: drop it.
     return tuple(o for o in outputs if not isinstance(o, argparse.Namespace))

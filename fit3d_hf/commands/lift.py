@@ -13,7 +13,6 @@ minutes; nvcc of the CUDA major version torch was built with), once, in the main
 """
 
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +22,8 @@ from accelerate.utils import gather_object
 from fit3d_hf.backbone_specs import load_backbone_spec
 from fit3d_hf.commands import parse_args
 from fit3d_hf.commands.scene_args import SceneArguments, scenes_of
+from fit3d_hf.errors import InputError
+from fit3d_hf.io import check_output_folder
 from fit3d_hf.lift import LiftConfig, lift_scenes, summary_table
 from fit3d_hf.splatting import load_gsplat_extension, resolve_backend
 
@@ -39,10 +40,12 @@ def main(argv: list[str] | None = None) -> None:
         (LiftArguments, LiftConfig, SceneArguments), argv, prog="fit3d lift", description=__doc__
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Before the scenes are read (which verifies every image): an unusable folder is found at once.
+    check_output_folder(args.output_dir, what="--output_dir")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     scenes = scenes_of(scene_args)
     if not scenes:
-        sys.exit("fit3d lift: no scenes given: pass --scenes FOLDER ... and/or --synthetic_rooms N")
+        raise InputError("no scenes given: pass --scenes FOLDER ... and/or --synthetic_rooms N")
     backbone, backbone_name = load_backbone_spec(scene_args.backbone, scene_args.seed)
     backbone.to(accelerator.device).requires_grad_(False)
     if resolve_backend(config.backend, accelerator.device, torch.float32) == "gsplat":

@@ -1,6 +1,7 @@
 """`fit3d render`: render lifted features of every training view into a targets dataset."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -8,6 +9,8 @@ import torch
 from fit3d_hf.backbone_specs import load_backbone_spec
 from fit3d_hf.commands import parse_args
 from fit3d_hf.commands.scene_args import SceneArguments, scenes_of
+from fit3d_hf.errors import InputError, OutputError
+from fit3d_hf.io import check_output_folder
 
 DESCRIPTION = """Render the fine-tuning targets of Stage II into a `datasets` dataset.
 
@@ -51,10 +54,13 @@ def main(argv: list[str] | None = None):
     from fit3d_hf.targets import render_targets
 
     if (args.image_height is None) != (args.image_width is None):
-        raise SystemExit("fit3d render: give both --image_height and --image_width, or neither")
+        raise InputError("give both --image_height and --image_width, or neither")
+    if Path(args.output_dir).exists():
+        raise OutputError(f"--output_dir {args.output_dir} already exists; remove it or choose another output folder")
+    check_output_folder(args.output_dir, what="--output_dir")
     scenes = scenes_of(scene_args)
     if not scenes:
-        raise SystemExit("fit3d render: no scenes; pass --scenes FOLDER ... and/or --synthetic_rooms N (as for `fit3d lift`)")
+        raise InputError("no scenes; pass --scenes FOLDER ... and/or --synthetic_rooms N (as for `fit3d lift`)")
     backbone, _ = load_backbone_spec(scene_args.backbone, scene_args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dataset = render_targets(

@@ -6,9 +6,10 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..errors import InputError
 from ..io import atomic_write
 from ..splatting.rasterize import rasterize
 
@@ -91,14 +92,31 @@ class FeatureGaussians:
         tensors["decoder.weight"] = self.decoder_weight.contiguous().cpu()
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=self.metadata))
 
+    @staticmethod
+    def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+        """The metadata of a file written by `save` (strings: scene id, backbone, D, provenance...),
+        without reading its tensors.
+
+        Raises:
+            InputError: the file is not a safetensors file (e.g. truncated) or not feature Gaussians.
+        """
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (OSError, SafetensorError) as error:
+            raise InputError(f"{path}: unreadable safetensors file ({error}); lift the scene again") from error
+        if metadata.get("format") != FORMAT:
+            raise InputError(f"{path}: not a feature-Gaussians file (format {metadata.get('format')!r}, expected {FORMAT!r})")
+        return metadata
+
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "FeatureGaussians":
         """Read a file written by `save` / `lift_scene`."""
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a feature-Gaussians file (format {metadata.get('format')!r}, expected {FORMAT!r})")
-        tensors = load_file(str(path), device=str(device))
+        metadata = cls.read_metadata(path)
+        try:
+            tensors = load_file(str(path), device=str(device))
+        except (OSError, SafetensorError) as error:
+            raise InputError(f"{path}: unreadable safetensors file ({error}); lift the scene again") from error
         return cls(tensors, tensors.pop("decoder.weight"), metadata)
 
 

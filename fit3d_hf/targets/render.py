@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -16,8 +17,24 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fit3d_hf import backbones
-from fit3d_hf.io import atomic_directory, atomic_write_json, remove_stale_temporaries, temporary_path
+from fit3d_hf.errors import InputError, InputNotFoundError, OutputError
+from fit3d_hf.io import (
+    atomic_directory,
+    atomic_write_json,
+    check_output_folder,
+    folder_lock,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from fit3d_hf.lift import FeatureGaussians
+from fit3d_hf.provenance import (
+    PROVENANCE_KEY,
+    backbone_identity,
+    check_backbone,
+    check_provenance,
+    file_sha256,
+    scene_fingerprint,
+)
 
 from .load import load_targets
 from .schema import FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, bytes_per_view, schema
@@ -128,54 +145,150 @@ def render_targets(
 
     Scenes are rendered one at a time into per-scene parts under `<output_dir>.parts/` (each
     written atomically), so an interrupted run resumes at the first missing scene; memory stays
-    flat (one view at a time, written by `Dataset.from_generator`).
+    flat (one view at a time, written by `Dataset.from_generator`). The parts folder is locked
+    while a run writes it (`io.folder_lock`); parts of other settings are removed, and a run that
+    fails before finishing any part leaves none behind.
+
+    Before any rendering, every scene's Gaussians are checked against `backbone` and the scene
+    (their recorded provenance: the backbone's weights, the scene's cameras): Gaussians lifted with
+    another backbone are a `ProvenanceError`. The dataset's metadata records the backbone's identity
+    and the sha256 and provenance of every Gaussians file (`metadata["provenance"]`).
 
     Returns:
         The saved dataset, opened with `load_targets` (float16 kept).
     """
     if target_source not in ("lifted", "single_view_blur"):
-        raise ValueError(f"target_source must be 'lifted' or 'single_view_blur', got {target_source!r}")
+        raise InputError(f"target_source must be 'lifted' or 'single_view_blur', got {target_source!r}")
     if target_source == "lifted" and gaussians_dir is None:
-        raise ValueError("target_source='lifted' needs gaussians_dir (the folder written by `fit3d lift`)")
+        raise InputError("target_source='lifted' needs gaussians_dir (the folder written by `fit3d lift`)")
     output_dir = Path(output_dir)
     if output_dir.exists():
-        raise FileExistsError(f"{output_dir} already exists; remove it or choose another output_dir")
-    config = backbone.config
-    patch_size = backbones.patch_size_of(config)
-    hidden_size = backbones.hidden_size_of(config)
+        raise OutputError(f"{output_dir} already exists; remove it or choose another output_dir")
+    check_output_folder(output_dir, what="the targets output folder")
+    scenes = list(scenes)
+    repeated = sorted(scene_id for scene_id, count in Counter(scene.scene_id for scene in scenes).items() if count > 1)
+    if repeated:
+        raise InputError(f"scene ids {repeated} appear more than once: each scene is rendered once")
+    if not scenes:
+        raise InputError("no scenes given")
+    hidden_size = backbones.hidden_size_of(backbone.config)
+    identity = backbone_identity(backbone)
+    upstream = _check_gaussians(scenes, Path(gaussians_dir), identity, hidden_size) if target_source == "lifted" else {}
     backbone = backbone.to(device).eval()
     parts_dir = output_dir.with_name(output_dir.name + ".parts")
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    # What a killed run left half-written: its staged part and final folders.
-    remove_stale_temporaries(parts_dir)
-    remove_stale_temporaries(output_dir.parent)
-
     settings = {
         "target_source": target_source,
         "image_size": list(image_size) if image_size else None,
         "render_scale": render_scale,
         "blur_sigma": blur_sigma if target_source == "single_view_blur" else None,
         "views": views,
-        "backbone": json.loads(config.to_json_string()),
+        "backbone": json.loads(backbone.config.to_json_string()),
+        "backbone_weights_sha256": identity["weights_sha256"],
+        "gaussians_sha256": {scene_id: entry["sha256"] for scene_id, entry in upstream.items()},
     }
+    with folder_lock(parts_dir, what="the targets' parts folder"):
+        try:
+            dataset_dir = _render_parts(
+                scenes, backbone, output_dir, parts_dir, settings, identity, upstream,
+                gaussians_dir=gaussians_dir, target_source=target_source, image_size=image_size, render_scale=render_scale,
+                blur_sigma=blur_sigma, views=views, num_shards=num_shards, device=device,
+            )  # fmt: skip
+        except BaseException:
+            # A part is worth resuming from; a parts folder without one is only clutter.
+            if not any(entry.is_dir() and not entry.name.startswith(".") for entry in parts_dir.iterdir()):
+                shutil.rmtree(parts_dir, ignore_errors=True)
+            raise
+    shutil.rmtree(parts_dir)
+    return load_targets(dataset_dir)
+
+
+def _check_gaussians(scenes: list, gaussians_dir: Path, identity: dict, hidden_size: int) -> dict[str, dict]:
+    """Check every scene's Gaussians file before rendering any: present, readable, as wide as the
+    backbone, lifted with this backbone (same weights) from this scene (same cameras).
+
+    Returns:
+        scene id -> {"sha256": the file's hash, "lift": its recorded provenance (None for a file
+        that records none: made by hand or by an older fit3d_hf; a warning says so)}.
+    """
+    paths = {scene.scene_id: gaussians_dir / f"{scene.scene_id}.safetensors" for scene in scenes}
+    missing = [str(path) for path in paths.values() if not path.is_file()]
+    if missing:
+        raise InputNotFoundError(
+            f"no lifted Gaussians for {len(missing)} scene(s): {', '.join(missing)} missing; lift them first "
+            f"(`fit3d lift` with the same scenes and --output_dir {gaussians_dir})"
+        )
+    upstream = {}
+    fix = "render with the backbone (and --seed, for a random one) the scenes were lifted with, or lift them again"
+    for scene in scenes:
+        path = paths[scene.scene_id]
+        metadata = FeatureGaussians.read_metadata(path)
+        out_dim = int(metadata.get("out_dim") or FeatureGaussians.load(path).out_dim)
+        if out_dim != hidden_size:
+            raise InputError(
+                f"{path}: decoder width {out_dim} does not match the backbone width {hidden_size}; "
+                "lift with the backbone you fine-tune"
+            )
+        lift = json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else None
+        if lift is None:
+            logger.warning("%s records no provenance (made by hand or by an older fit3d_hf): its backbone is not checked", path)
+        else:
+            check_backbone(lift["backbone"], identity, artifact=str(path), fix=fix)
+            keys = ("scene_id", "num_views", "poses_sha256")
+            current = scene_fingerprint(scene)
+            check_provenance(
+                {key: lift["scene"][key] for key in keys},
+                {key: current[key] for key in keys},
+                artifact=f"{path} (its scene)",
+                fix="render the scenes the Gaussians were lifted from (same folders or procedural-room options)",
+            )
+        upstream[scene.scene_id] = {"sha256": file_sha256(path), "lift": lift}
+    return upstream
+
+
+def _render_parts(
+    scenes: list,
+    backbone: torch.nn.Module,
+    output_dir: Path,
+    parts_dir: Path,
+    settings: dict,
+    identity: dict,
+    upstream: dict,
+    *,
+    gaussians_dir,
+    target_source: str,
+    image_size,
+    render_scale: float,
+    blur_sigma: float,
+    views: str,
+    num_shards: int | None,
+    device,
+) -> Path:
+    """Render the scenes' parts that `parts_dir` lacks, then assemble and save the dataset at `output_dir`."""
+    config = backbone.config
+    patch_size = backbones.patch_size_of(config)
+    hidden_size = backbones.hidden_size_of(config)
+    # What a killed run left half-written: its staged part and final folders.
+    remove_stale_temporaries(parts_dir)
+    remove_stale_temporaries(output_dir.parent)
     settings_file = parts_dir / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text())["hash"] != _settings_hash(settings):
-        raise ValueError(f"{parts_dir} holds parts rendered with other settings; delete it to start over")
+        logger.warning("%s holds parts of an earlier run with other settings: removing them", parts_dir)
+        for entry in parts_dir.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
     atomic_write_json(settings_file, {"hash": _settings_hash(settings)}, indent=None)
 
     scene_ids: list[str] = []
     feature_dims: dict[str, int] = {}
     grid = None
     for scene in tqdm(scenes, desc="render targets", unit="scene"):
-        if scene.scene_id in scene_ids:
-            raise ValueError(f"scene_id {scene.scene_id!r} appears twice")
         scene_ids.append(scene.scene_id)
         size = tuple(image_size) if image_size else backbones.input_size(scene.height, scene.width, patch_size, rule="nearest")
         if size[0] % patch_size or size[1] % patch_size:
-            raise ValueError(f"image_size {size} is not a multiple of the patch size {patch_size}")
+            raise InputError(f"image_size {size} is not a multiple of the patch size {patch_size}")
         scene_grid = (size[0] // patch_size, size[1] // patch_size)
         if grid is not None and scene_grid != grid:
-            raise ValueError(
+            raise InputError(
                 f"scene {scene.scene_id!r} gives a {scene_grid} patch grid but earlier scenes gave {grid}; "
                 "pass image_size to store every scene at one size"
             )
@@ -183,15 +296,7 @@ def render_targets(
         view_list = list(scene.train_views) if views == "train" else list(range(scene.num_views))
 
         if target_source == "lifted":
-            gaussians_path = Path(gaussians_dir) / f"{scene.scene_id}.safetensors"
-            if not gaussians_path.exists():
-                raise FileNotFoundError(f"no lifted Gaussians for scene {scene.scene_id!r}: {gaussians_path} is missing")
-            gaussians = FeatureGaussians.load(gaussians_path, device=device)
-            if gaussians.out_dim != hidden_size:
-                raise ValueError(
-                    f"{gaussians_path}: decoder width {gaussians.out_dim} does not match the backbone width "
-                    f"{hidden_size}; lift with the backbone you fine-tune"
-                )
+            gaussians = FeatureGaussians.load(Path(gaussians_dir) / f"{scene.scene_id}.safetensors", device=device)
             feature_dims[scene.scene_id] = gaussians.feature_dim
             make_target = _lifted_target_fn(gaussians, scene, grid, render_scale, device)
         else:
@@ -216,8 +321,6 @@ def render_targets(
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
 
-    if grid is None:
-        raise ValueError("no scenes given")
     metadata = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -241,6 +344,11 @@ def render_targets(
         },
         "scenes": scene_ids,
         "bytes_per_view_uncompressed": bytes_per_view(hidden_size, *grid),
+        PROVENANCE_KEY: {
+            "backbone": identity,
+            "gaussians": upstream or None,
+            "scenes": {scene.scene_id: scene_fingerprint(scene) for scene in scenes},
+        },
     }
     parts = [datasets.load_from_disk(str(parts_dir / scene_id)) for scene_id in scene_ids]
     valid_fraction = {}
@@ -259,8 +367,7 @@ def render_targets(
     with atomic_directory(output_dir) as staging:
         dataset.save_to_disk(str(staging), num_shards=num_shards)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    shutil.rmtree(parts_dir)
-    return load_targets(output_dir)
+    return output_dir
 
 
 def _lifted_target_fn(gaussians: FeatureGaussians, scene, grid: tuple[int, int], render_scale: float, device):
