@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbone_specs import backbone_name
+from ..backbones import normalization_of
 from ..io import atomic_write_json
 from ..scenes.scene import Scene
 from ..splatting import CappedDefaultStrategy, load_gsplat_extension, resolve_backend
@@ -50,7 +51,7 @@ def lift_scene(
         scene: a `fit3d_hf.scenes.Scene` (train views are fitted, test views are held out).
         backbone: a frozen backbone of any family (or a FiT3DModel), see `backbones.extract_features`;
             the artifact records `backbone_specs.backbone_name(backbone)`.
-        config: hyper-parameters (`LiftConfig()` official, `LiftConfig.cpu_preset()` for CPU).
+        config: hyper-parameters (`LiftConfig.paper_preset()` the official run, `LiftConfig.cpu_preset()` for CPU).
         output_dir: where `<scene_id>.safetensors` and `<scene_id>.json` are written.
         seed: seeds the initialisation, the view order and densification.
         callback: called as `callback(step, params)` after each finished step (and its checkpoint).
@@ -101,6 +102,8 @@ def lift_scene(
         "out_dim": str(state.decoder_weight.shape[0]),
         "sh_degree": str(config.sh_degree),
         "iterations": str(config.iterations),
+        "near_plane": str(config.near_plane),
+        "normalization": _normalization(backbone, config),
     }
     gaussians = FeatureGaussians(state.params, state.decoder_weight, metadata)
     report = _evaluate_and_report(
@@ -142,16 +145,19 @@ def lift_scenes(
     repeated = sorted(scene_id for scene_id, count in Counter(scene.scene_id for scene in scenes).items() if count > 1)
     if repeated:
         raise ValueError(f"scene ids {repeated} appear more than once: every scene's artifact is named after its id")
-    name = backbone_name(backbone)
+    name, normalization = backbone_name(backbone), _normalization(backbone, config)
     reports = []
     own = list(scenes)[process_index::num_processes]
     for scene in tqdm(own, desc=f"process {process_index}: scenes", position=2 * process_index, dynamic_ncols=True):
         report = _finished_report(output_dir, scene.scene_id)
         if report is not None:
-            if (report["backbone"], report["feature_dim"]) != (name, config.feature_dim):
+            # Reports from before the normalisation was recorded were lifted with the family's own.
+            done = (report["backbone"], report["feature_dim"], report.get("normalization", "family"))
+            if done != (name, config.feature_dim, normalization):
                 raise ValueError(
-                    f"{Path(output_dir) / scene.scene_id}.json was lifted with backbone {report['backbone']!r}, "
-                    f"D={report['feature_dim']}, not {name!r}, D={config.feature_dim}: use another output_dir or delete it"
+                    f"{Path(output_dir) / scene.scene_id}.json was lifted with backbone {done[0]!r}, D={done[1]}, "
+                    f"normalization {done[2]!r}, not {name!r}, D={config.feature_dim}, normalization {normalization!r}: "
+                    "use another output_dir or delete it"
                 )
             reports.append({**report, "status": "skipped"})
             continue
@@ -162,11 +168,17 @@ def lift_scenes(
 
 def _prepare_views(scene: Scene, backbone: torch.nn.Module, config: LiftConfig) -> tuple[Views, Views | None]:
     """The training views and the held-out ones (None when the scene has none), with their backbone targets."""
-    train_ids, test_ids = usable_views(scene, config.holdout_every)
+    train_ids, test_ids = usable_views(scene, config.holdout_every, config.train_on)
     backbone.eval()
-    train = load_views(scene, train_ids, backbone, config.render_downscale)
-    test = load_views(scene, test_ids, backbone, config.render_downscale) if test_ids else None
+    options = dict(size_rule=config.input_size_rule, normalization=config.normalization)
+    train = load_views(scene, train_ids, backbone, config.render_downscale, **options)
+    test = load_views(scene, test_ids, backbone, config.render_downscale, **options) if test_ids else None
     return train, test
+
+
+def _normalization(backbone: torch.nn.Module, config: LiftConfig) -> str:
+    """How the backbone's input is normalised: `config.normalization`, else what the backbone's config records."""
+    return config.normalization or normalization_of(backbone.config)
 
 
 def _make_strategy(config: LiftConfig) -> CappedDefaultStrategy:
@@ -304,6 +316,7 @@ def _evaluate_and_report(
     return {
         "scene_id": gaussians.metadata["scene_id"],
         "backbone": gaussians.metadata["backbone"],
+        "normalization": gaussians.metadata["normalization"],
         "feature_dim": config.feature_dim,
         "out_dim": gaussians.out_dim,
         "iterations": config.iterations,
