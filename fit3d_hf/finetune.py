@@ -63,8 +63,15 @@ RESULT_INDEPENDENT_FIELDS = (
 @dataclass
 class FinetuneConfig:
     """Stage II hyper-parameters. Defaults are the paper's (FiT3D, ECCV 2024; official code
-    ywyue/FiT3D): AdamW lr 1e-5, weight decay 1e-4, constant lr, gradient clipping 0.1, batch 2,
-    horizontal flip p = 0.5, one epoch (two epochs were worse in the paper)."""
+    ywyue/FiT3D `finetune.py`, `engine.py`): AdamW lr 1e-5, weight decay 1e-4, constant lr, gradient
+    clipping 0.1, batch 2, horizontal flip p = 0.5, one epoch (two epochs were worse in the paper),
+    fp32; the input normalised as the targets were lifted (ImageNet's with `--protocol paper`).
+
+    Effective batch = `per_device_batch_size` × processes. The paper's is 2 on one GPU, at lr 1e-5.
+    On N processes keep the product at 2 (e.g. 1 per process on 2 GPUs) for the paper's run; a
+    larger effective batch B is a deviation, for which the usual rule is to scale the learning
+    rate linearly: lr = 1e-5 × B / 2 (not validated against the paper's numbers).
+    """
 
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (constant)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
@@ -75,7 +82,19 @@ class FinetuneConfig:
     flip_probability: float = field(default=0.5, metadata={"help": "Joint horizontal flip of image, target and mask."})
     seed: int = field(default=0, metadata={"help": "Seed for data order and flips (a resumed run reproduces them)."})
     mixed_precision: str = field(
-        default="no", metadata={"help": "'no', 'bf16' or 'fp16' (GPU); overrides the accelerate config when not 'no'."}
+        default="no",
+        metadata={
+            "help": "'no' (fp32, the paper's), 'bf16' or 'fp16' (GPU autocast: faster, a deviation from the paper); "
+            "overrides the accelerate config when not 'no'."
+        },
+    )
+    normalization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Input normalisation of the fine-tuned model, recorded in its config and image processor: "
+            "'imagenet' (as the official code for every backbone) or 'family' (the family's own). Unset: what the "
+            "targets dataset records (the lifting's), else what the backbone's config records."
+        },
     )
     checkpointing_steps: int = field(default=500, metadata={"help": "save_state every N optimizer steps (0: never)."})
     checkpoints_total_limit: int = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
@@ -84,6 +103,23 @@ class FinetuneConfig:
     report_to: str = field(
         default="none", metadata={"help": "Tracker for accelerate ('tensorboard', 'wandb', ...; must be installed) or 'none'."}
     )
+
+    @classmethod
+    def paper_preset(cls, **overrides) -> "FinetuneConfig":
+        """The official Stage II (`fit3d finetune --protocol paper`): `PAPER_PRESET`, which the defaults equal."""
+        return cls(**{**PAPER_PRESET, **overrides})
+
+
+# The official Stage II values (`finetune.py` defaults, `engine.py`; docs/protocol.md), on one process.
+PAPER_PRESET = dict(
+    learning_rate=1e-5,
+    weight_decay=1e-4,
+    max_grad_norm=0.1,
+    per_device_batch_size=2,
+    num_epochs=1,
+    flip_probability=0.5,
+    mixed_precision="no",
+)
 
 
 @dataclass
@@ -183,6 +219,20 @@ def check_dataset(dataset: datasets.Dataset, backbone_config) -> None:
         )
 
 
+def _normalization(config: FinetuneConfig, metadata: dict, model_config) -> str:
+    """The input normalisation to fine-tune with: the config's, else the targets', else the backbone's record.
+
+    Raises a ValueError when the config asks for another one than the targets were lifted with.
+    """
+    lifted = metadata.get("normalization")
+    if config.normalization is not None and lifted is not None and config.normalization != lifted:
+        raise ValueError(
+            f"the targets were made with {lifted!r} input normalisation, but normalization is {config.normalization!r}: "
+            "fine-tune with the one the targets were lifted with (leave normalization unset)"
+        )
+    return config.normalization or lifted or backbones.normalization_of(model_config)
+
+
 class FeatureMapHead(torch.nn.Module):
     """Wraps a transformers backbone so that `forward(pixel_values [B,3,H,W]) -> [B, Cb, h, w]`
     (last block, final norm, prefix tokens dropped) goes through DDP's forward."""
@@ -280,6 +330,7 @@ def finetune(
     model = FiT3DModel.from_backbone(backbone, assembly="concat")
     check_dataset(dataset, model.config)
     _check_targets_backbone(targets_metadata(dataset), identity, dataset_source)
+    backbones.set_normalization(model.config, _normalization(config, targets_metadata(dataset), model.config))
     log_with = None
     if config.report_to not in ("none", "", None):
         available = [str(t) for t in get_available_trackers()]
@@ -345,6 +396,11 @@ def finetune(
             f"{accelerator.num_processes} processes; lower per_device_batch_size"
         )
     total_steps = config.max_steps if config.max_steps is not None else config.num_epochs * steps_per_epoch
+    effective_batch_size = config.per_device_batch_size * accelerator.num_processes
+    accelerator.print(
+        f"effective batch {effective_batch_size} ({config.per_device_batch_size} per process x {accelerator.num_processes} "
+        f"processes) at lr {config.learning_rate:g}; the paper's: 2 at 1e-5 (FinetuneConfig)"
+    )
 
     global_step = 0
     losses: list[tuple[int, float]] = []
@@ -407,6 +463,8 @@ def finetune(
         "dataset_metadata": targets_metadata(dataset),
         "backbone": name,
         "config": asdict(config),
+        "normalization": backbones.normalization_of(model.config),
+        "effective_batch_size": effective_batch_size,
         "num_views": dataset.num_rows,
         "global_step": global_step,
         "num_processes": len(rank_checksums),

@@ -23,7 +23,7 @@ from .errors import InputError, InputNotFoundError, ProvenanceError, ResultsErro
 from .evaluation.report import METRIC_NAMES, results_table
 from .io import atomic_directory, atomic_write_text, remove_stale_temporaries
 from .provenance import PROVENANCE_KEY, weight_files_sha256
-from .targets import METADATA_FILE, bytes_per_view, target_shape, targets_metadata
+from .targets import MASK_DTYPES, METADATA_FILE, bytes_per_view, target_shape, targets_metadata
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"
 DEFAULT_TEMPLATE = "fit3d_template"
@@ -266,6 +266,7 @@ def export_for_hub(dataset_dir: str | os.PathLike, folder: str | os.PathLike, *,
     dataset = datasets.load_from_disk(str(dataset_dir))
     metadata = targets_metadata(dataset)
     hidden_size, grid_height, grid_width = target_shape(dataset)
+    mask = metadata.get("render", {}).get("mask_kind", "coverage")
     card = [
         "---",
         "tags: [fit3d, feature-distillation, 3d-aware-fine-tuning]",
@@ -279,7 +280,7 @@ def export_for_hub(dataset_dir: str | os.PathLike, folder: str | os.PathLike, *,
         "# FiT3D fine-tuning targets",
         "",
         f"{dataset.num_rows} views; target float16 [{hidden_size}, {grid_height}, {grid_width}] per view "
-        f"({bytes_per_view(hidden_size, grid_height, grid_width) / 1e6:.2f} MB uncompressed), uint8 mask, "
+        f"({bytes_per_view(hidden_size, grid_height, grid_width, mask) / 1e6:.2f} MB uncompressed), {MASK_DTYPES[mask]} mask, "
         "PNG image, cameras. Made with `fit3d render` (fit3d_hf); rendering details in `fit3d_targets.json`.",
         "",
         "```python",

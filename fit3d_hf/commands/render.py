@@ -20,6 +20,10 @@ the image, a validity mask and the camera. The folder is written atomically and 
 with --push_to_hub. `--target_source single_view_blur` builds the single-view control instead
 (the backbone's own features, blurred; no Gaussians needed).
 
+`--protocol paper` stores the official Stage II data (`targets.PAPER_TARGETS`): every view, the soft
+anonymisation mask (the scene mask bilinearly resized to the patch grid, float16) instead of the
+coverage mask, ImageNet normalisation (checked against the lifting's).
+
 Example:
   fit3d lift --synthetic_rooms 2 --backbone embedded --output_dir lifted
   fit3d render --synthetic_rooms 2 --backbone embedded --gaussians_dir lifted --output_dir targets
@@ -42,6 +46,23 @@ class RenderArguments:
     render_scale: float = field(default=1.0, metadata={"help": "Render at scene resolution x this before decoding."})
     blur_sigma: float = field(default=1.0, metadata={"help": "Blur of the single-view control, in patch-grid cells."})
     views: Literal["train", "all"] = field(default="train", metadata={"help": "Which views of each scene."})
+    mask: Literal["coverage", "soft"] = field(
+        default="coverage",
+        metadata={
+            "help": "Stored loss weight per cell: 'coverage' (1 where rendered and the scene mask allows, else 0) or "
+            "'soft' (the scene mask bilinearly resized, in [0, 1]: the official one)."
+        },
+    )
+    size_rule: Literal["floor", "nearest"] = field(
+        default="floor", metadata={"help": "Default image size: each side 'floor'ed (official) or rounded to patch multiples."}
+    )
+    normalization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Input normalisation: 'imagenet' or 'family' (single_view_blur targets use it; lifted ones are "
+            "checked against the lifting's); unset: the backbone's record / the lifting's."
+        },
+    )
     num_shards: int | None = field(default=None, metadata={"help": "Arrow shards in the saved folder."})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cpu' or 'cuda'."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the dataset to this Hub dataset repo."})
@@ -49,9 +70,12 @@ class RenderArguments:
 
 
 def main(argv: list[str] | None = None):
-    args, scene_args = parse_args((RenderArguments, SceneArguments), argv, prog="fit3d render", description=DESCRIPTION)
     from fit3d_hf.hub import push_targets
-    from fit3d_hf.targets import render_targets
+    from fit3d_hf.targets import PAPER_TARGETS, render_targets
+
+    args, scene_args = parse_args(
+        (RenderArguments, SceneArguments), argv, prog="fit3d render", description=DESCRIPTION, protocols={"paper": PAPER_TARGETS}
+    )
 
     if (args.image_height is None) != (args.image_width is None):
         raise InputError("give both --image_height and --image_width, or neither")
@@ -73,6 +97,9 @@ def main(argv: list[str] | None = None):
         render_scale=args.render_scale,
         blur_sigma=args.blur_sigma,
         views=args.views,
+        mask=args.mask,
+        size_rule=args.size_rule,
+        normalization=args.normalization,
         num_shards=args.num_shards,
         device=device,
     )

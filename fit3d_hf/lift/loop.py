@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbone_specs import backbone_name
+from ..backbones import normalization_of
 from ..errors import InputError, ResultsError
 from ..io import atomic_write_json, check_output_folder, folder_lock, remove_stale_temporaries
 from ..provenance import PROVENANCE_KEY, backbone_identity, check_provenance
@@ -61,7 +62,7 @@ def lift_scene(
         scene: a `fit3d_hf.scenes.Scene` (train views are fitted, test views are held out).
         backbone: a frozen backbone of any family (or a FiT3DModel), see `backbones.extract_features`;
             the artifact records `backbone_specs.backbone_name(backbone)`.
-        config: hyper-parameters (`LiftConfig()` official, `LiftConfig.cpu_preset()` for CPU).
+        config: hyper-parameters (`LiftConfig.paper_preset()` the official run, `LiftConfig.cpu_preset()` for CPU).
         output_dir: where `<scene_id>.safetensors` and `<scene_id>.json` are written.
         seed: seeds the initialisation, the view order and densification.
         callback: called as `callback(step, params)` after each finished step (and its checkpoint).
@@ -121,6 +122,8 @@ def lift_scene(
         "out_dim": str(state.decoder_weight.shape[0]),
         "sh_degree": str(config.sh_degree),
         "iterations": str(config.iterations),
+        "near_plane": str(config.near_plane),
+        "normalization": _normalization(backbone, config),
         PROVENANCE_KEY: json.dumps(provenance),
     }
     gaussians = FeatureGaussians(state.params, state.decoder_weight, metadata)
@@ -213,11 +216,17 @@ def _check_existing(output_dir: Path, scene: Scene, provenance: dict) -> None:
 
 def _prepare_views(scene: Scene, backbone: torch.nn.Module, config: LiftConfig) -> tuple[Views, Views | None]:
     """The training views and the held-out ones (None when the scene has none), with their backbone targets."""
-    train_ids, test_ids = usable_views(scene, config.holdout_every)
+    train_ids, test_ids = usable_views(scene, config.holdout_every, config.train_on)
     backbone.eval()
-    train = load_views(scene, train_ids, backbone, config.render_downscale)
-    test = load_views(scene, test_ids, backbone, config.render_downscale) if test_ids else None
+    options = dict(size_rule=config.input_size_rule, normalization=config.normalization)
+    train = load_views(scene, train_ids, backbone, config.render_downscale, **options)
+    test = load_views(scene, test_ids, backbone, config.render_downscale, **options) if test_ids else None
     return train, test
+
+
+def _normalization(backbone: torch.nn.Module, config: LiftConfig) -> str:
+    """How the backbone's input is normalised: `config.normalization`, else what the backbone's config records."""
+    return config.normalization or normalization_of(backbone.config)
 
 
 def _make_strategy(config: LiftConfig) -> CappedDefaultStrategy:
@@ -353,6 +362,7 @@ def _evaluate_and_report(
     return {
         "scene_id": gaussians.metadata["scene_id"],
         "backbone": gaussians.metadata["backbone"],
+        "normalization": gaussians.metadata["normalization"],
         "feature_dim": config.feature_dim,
         "out_dim": gaussians.out_dim,
         "iterations": config.iterations,
