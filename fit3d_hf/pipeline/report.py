@@ -31,6 +31,11 @@ def headline(results: dict, source: str, task: str, metric: str) -> dict | None:
     return next((r for r in results["results"] if (r["source"], r["task"], r["metric"]) == (source, task, metric)), None)
 
 
+def p_value(p: float) -> str:
+    """A p-value as printed: three decimals, or "<0.001"."""
+    return f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
 def replicated_comparisons(results: Sequence[dict]) -> list[dict]:
     """Every comparison x headline metric over the replications' results (one results.json each).
 
@@ -64,7 +69,7 @@ def replication_lines(comparisons: Sequence[dict]) -> list[str]:
             else:
                 parts.append(
                     f"{c['label']} {c['mean']:+.4f} [95% CI {c['ci_low']:+.4f}, {c['ci_high']:+.4f}; "
-                    f"t-test p {c['t_p']:.3f}, sign test p {c['sign_p']:.3f}: {c['verdict']}]"
+                    f"t-test p {p_value(c['t_p'])}, sign test p {p_value(c['sign_p'])}: {c['verdict']}]"
                 )
         n = comparisons[0]["n"]
         lines.append(f"- {meaning}, n = {n}: " + "; ".join(parts))
@@ -79,10 +84,10 @@ def replication_table(comparisons: Sequence[dict]) -> str:
     ]
     for c in comparisons:
         ci = "–" if c["n"] == 1 else f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
-        t_p = "–" if c["t_p"] is None else f"{c['t_p']:.3f}"
+        t_p = "–" if c["t_p"] is None else p_value(c["t_p"])
         lines.append(
             f"| {c['a']} − {c['b']} | {c['label']} {'↑' if c['higher_is_better'] else '↓'} | {c['n']} | {c['mean']:+.4f} | "
-            f"{ci} | {t_p} | {c['sign_p']:.3f} | {c['verdict']} |"
+            f"{ci} | {t_p} | {p_value(c['sign_p'])} | {c['verdict']} |"
         )
     return "\n".join(lines)
 
