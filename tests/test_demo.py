@@ -4,8 +4,9 @@ from dataclasses import fields, replace
 import pytest
 import torch
 
+from fit3d_hf.evaluation.replication import NO_EFFECT, ONE_REPLICATION
 from fit3d_hf.pipeline import DemoConfig, DemoError, run_demo
-from fit3d_hf.pipeline.config import STAGES, room_seeds, stage_settings
+from fit3d_hf.pipeline.config import STAGES, replication_config, replication_configs, room_seeds, stage_settings
 from fit3d_hf.pipeline.report import results_grid, verdicts
 from fit3d_hf.pipeline.rerun import prepare_run_folder, read_record, run_stage
 
@@ -171,17 +172,23 @@ TINY_RUN = dict(
 )
 
 
-def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
-    """The whole orchestration with a tiny random backbone and tiny schedules (about 20 s on 2 idle cores),
-    killed once in the finetune stage and resumed."""
+def _tiny_backbone(tmp_path):
     from fit3d_hf.backbones import build_backbone
     from fit3d_hf.embedded import EmbeddedPretrainConfig, embedded_backbone_config
-    from fit3d_hf.pipeline import demo
 
     torch.manual_seed(0)
     backbone_dir = tmp_path / "tiny-backbone"
     config = EmbeddedPretrainConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
     build_backbone(embedded_backbone_config(config)).save_pretrained(backbone_dir)
+    return backbone_dir
+
+
+def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
+    """The whole orchestration with a tiny random backbone and tiny schedules (about 20 s on 2 idle cores),
+    killed once in the finetune stage and resumed."""
+    from fit3d_hf.pipeline import demo
+
+    backbone_dir = _tiny_backbone(tmp_path)
     out = tmp_path / "demo"
     config = DemoConfig(output_dir=str(out), backbone=str(backbone_dir), **TINY_RUN)
 
@@ -224,12 +231,15 @@ def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     assert first.paths["summary"] == out / "summary.md" and first.paths["features"] == out / "pictures" / "features.png"
     sources = set(first.results["sources"])
     assert sources == {"original", "fit3d", "finetuned_only", "concat_random", "blur_control"}
-    assert len(first.verdicts) == 4
+    assert len(first.verdicts) == 4 and all("n = 1" in line for line in first.verdicts)
+    assert first.replications["n"] == 1 and len(first.replications["comparisons"]) == 4 * 3
+    assert {c["verdict"] for c in first.replications["comparisons"]} == {ONE_REPLICATION}
     card = (out / "model" / "README.md").read_text()
     assert str(backbone_dir) in card and "model-index" in card
-    assert f"backbone {backbone_dir}" in printed and "beyond the seed spread" in printed
+    assert all(line in card for line in first.verdicts) and "1 independent replication(s)" in card
+    assert f"backbone {backbone_dir}" in printed and "spread over probe seeds only" in printed
     summary = (out / "summary.md").read_text()
-    assert all(line in summary for line in first.verdicts)
+    assert all(line in summary for line in verdicts(first.results)) and ONE_REPLICATION in summary
 
     # A rerun skips every stage, reports the same numbers and prints the same summary.
     second = run_demo(config)
@@ -239,6 +249,64 @@ def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     # A changed setting is refused at the first stage it changes, before any work.
     with pytest.raises(DemoError, match=r"evaluate stage was made with other settings \(seg_iterations: 10 -> 11\)"):
         run_demo(replace(config, seg_iterations=11))
+
+
+def test_replications_take_disjoint_rooms_and_their_own_seed():
+    config = DemoConfig(output_dir="run", replications=3, num_train_scenes=2, num_probe_train_scenes=2, num_test_scenes=1)
+    first, second, third = replication_configs(config)
+    assert first is config  # replication 0 is today's run
+    assert (second.output_dir, second.scene_seed, second.probe_scene_seed, second.seed) == ("run/replications/01", 2, 1003, 1)
+    assert room_seeds(third) == {"finetune": [4, 5], "probe_train": [1006, 1007], "test": [1008]} and third.seed == 2
+    with pytest.raises(ValueError, match="replication 3 does not exist"):
+        replication_config(config, 3)
+    with pytest.raises(DemoError, match=r"reach the probe rooms .* move --probe_scene_seed above 11"):
+        replication_configs(replace(config, replications=6, probe_scene_seed=10))
+    with pytest.raises(DemoError, match="--replications must be >= 1"):
+        replication_configs(replace(config, replications=0))
+
+
+@pytest.mark.slow
+def test_tiny_demo_replicates_into_sub_folders_and_resumes(tmp_path, capsys):
+    """Two replications of the tiny run (about 40 s): each in its folder, verdicts across them; a rerun redoes
+    nothing, and going back to one replication redoes only the verdicts, the card and the summary."""
+    out = tmp_path / "demo"
+    config = DemoConfig(output_dir=str(out), backbone=str(_tiny_backbone(tmp_path)), replications=2, **TINY_RUN)
+    first = run_demo(config)
+    assert (out / "eval" / "results.json").is_file() and (out / "pictures" / "features.png").is_file()
+    second_run = out / "replications" / "01"
+    assert (second_run / "eval" / "results.json").is_file() and (second_run / "model" / "model.safetensors").is_file()
+    assert not (second_run / "pictures").exists()  # pictures, card and summary are made once, in the run folder
+    assert read_record(second_run)["stages"]["scenes"]["settings"]["scene_seed"] == 1
+    record = json.loads((out / "replications.json").read_text())
+    assert record == first.replications and record["n"] == 2
+    assert [(r["folder"], r["scene_seed"], r["probe_scene_seed"], r["seed"]) for r in record["replications"]] == [
+        (".", 0, 1000, 0),
+        ("replications/01", 1, 1002, 1),
+    ]
+    comparisons = record["comparisons"]
+    assert len(comparisons) == 4 * 3
+    blur_miou = next(c for c in comparisons if (c["a"], c["b"], c["metric"]) == ("finetuned_only", "blur_control", "mean_iou"))
+    results = [json.loads((folder / "eval" / "results.json").read_text()) for folder in (out, second_run)]
+
+    def mean(r, source):
+        return next(row["mean"] for row in r["results"] if (row["source"], row["metric"]) == (source, "mean_iou"))
+
+    assert blur_miou["differences"] == pytest.approx([mean(r, "finetuned_only") - mean(r, "blur_control") for r in results])
+    for c in comparisons:
+        assert c["n"] == 2 and c["ci_low"] <= c["mean"] <= c["ci_high"] and 0 < c["sign_p"] <= 1
+        assert c["verdict"] == NO_EFFECT or not c["ci_low"] <= 0 <= c["ci_high"]
+    summary = (out / "summary.md").read_text()
+    assert "| finetuned_only − blur_control | mIoU ↑ | 2 |" in summary
+    assert "2 independent replication(s)" in (out / "model" / "README.md").read_text()
+
+    again = run_demo(config)
+    assert again.replications == first.replications
+    assert set(again.skipped) == set(STAGES) | {f"replications/01/{stage}" for stage in STAGES[:5]}
+    capsys.readouterr()
+    one = run_demo(replace(config, replications=1))
+    assert "replicate: made with other settings (replications): redone" in capsys.readouterr().out
+    assert one.replications["n"] == 1 and set(one.skipped) == set(STAGES) - {"replicate", "card", "summary"}
+    assert (second_run / "eval" / "results.json").is_file()  # kept: adding it back costs nothing
 
 
 @pytest.mark.slow

@@ -14,9 +14,13 @@ settings; --fresh starts over):
   4 finetune  Stage II on the lifted targets (the FiT3D model) and on the blurred ones (the control)
   5 evaluate  linear probes (segmentation, depth) and 3D correspondence on unseen rooms for:
               original | FiT3D concat | fine-tuned alone | blur-target control | concat with a random ViT
-  6 card      the FiT3DModel folder gets a model card with the results
-  7 pictures  PCA / k-means of original vs FiT3D features, loss curves (PNG)
-  8 summary   the results table, which comparisons show an effect beyond the seed spread, paths
+  (1-5 run once per replication: --replications N runs N, each with its own rooms and seed, the
+  first in --output_dir, replication k in --output_dir/replications/k)
+  6 pictures  PCA / k-means of original vs FiT3D features, loss curves (PNG)
+  7 replicate the verdicts across replications: mean difference, 95% t interval, t-test and sign
+              test; better/WORSE only when the interval excludes 0 (none with one replication)
+  8 card      the FiT3DModel folder gets a model card with the results and those verdicts
+  9 summary   the results table, the verdicts, paths
 
 --backbone embedded (default) is the package's own small ViT, pre-trained on synthetic rooms (see
 fit3d_hf/embedded.py); --backbone facebook/dinov2-small or a local folder runs a real model where
@@ -24,6 +28,7 @@ it is available (no download happens here when HF_HUB_OFFLINE=1).
 
   fit3d demo                                   # about 3.5 minutes on 2 CPU cores
   fit3d demo --backbone /models/dinov2-small   # a real backbone (slower)
+  fit3d demo --replications 3                  # verdicts across 3 replications (3x the time)
   fit3d demo --fresh                           # start over
 """
 

@@ -1,11 +1,13 @@
-"""`DemoConfig`: the settings of a demo run, and which of them each stage's artifact depends on."""
+"""`DemoConfig`: the settings of a demo run, which of them each stage's artifact depends on, and the replications."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from fit3d_hf.errors import InputError
 
-STAGES = ("scenes", "lift", "render", "finetune", "evaluate", "card", "pictures", "summary")
+STAGES = ("scenes", "lift", "render", "finetune", "evaluate", "pictures", "replicate", "card", "summary")
+# Every replication runs scenes..evaluate in its own folder; pictures..summary run once, in the run folder.
 # The settings each stage adds to those of the stages before it; a stage's artifact depends on its
 # own and every earlier stage's (`stage_settings`). output_dir, fresh and threads change no artifact.
 STAGE_SETTINGS = {
@@ -24,8 +26,10 @@ STAGE_SETTINGS = {
     "render": ("blur_sigma",),
     "finetune": ("finetune_steps", "finetune_batch_size", "learning_rate"),
     "evaluate": ("probe_seeds", "seg_iterations", "depth_iterations", "probe_height", "probe_width"),
-    "card": (),
     "pictures": (),
+    # The replications' rooms and seeds follow from the settings above and the index (`replication_config`).
+    "replicate": ("replications",),
+    "card": (),
     "summary": (),
 }
 
@@ -77,6 +81,13 @@ class DemoConfig:
     depth_iterations: int = field(default=150, metadata={"help": "Steps of each depth probe (the costlier one)."})
     probe_height: int = field(default=96, metadata={"help": "Image height fed to every source by the probes."})
     probe_width: int = field(default=128, metadata={"help": "Image width fed to every source by the probes."})
+    replications: int = field(
+        default=1,
+        metadata={
+            "help": "Independent replications, each with its own fine-tuning rooms, probe rooms and seed; the verdicts "
+            "need >= 2 (replication 0 is the run folder itself, replication k >= 1 is replications/k)."
+        },
+    )
     fresh: bool = field(default=False, metadata={"help": "Delete the run folder's previous results and start over."})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default, all cores)."})
 
@@ -102,3 +113,42 @@ def room_seeds(config: DemoConfig) -> dict[str, list[int]]:
     if overlap:
         raise DemoError(f"fine-tuning and probe rooms share seeds {sorted(overlap)}; move --probe_scene_seed")
     return seeds
+
+
+def replication_config(config: DemoConfig, index: int) -> DemoConfig:
+    """The settings of replication `index`: replication 0 is `config` itself; replication k takes the next
+    block of fine-tuning rooms (scene_seed + k * num_train_scenes, ...), of probe rooms (probe_scene_seed +
+    k * (num_probe_train_scenes + num_test_scenes), ...) and the seed seed + k, in the folder replications/k."""
+    if not 0 <= index < config.replications:
+        raise ValueError(f"replication {index} does not exist: the run has {config.replications} (0..{config.replications - 1})")
+    if index == 0:
+        return config
+    return replace(
+        config,
+        output_dir=str(Path(config.output_dir) / "replications" / f"{index:02d}"),
+        scene_seed=config.scene_seed + index * config.num_train_scenes,
+        probe_scene_seed=config.probe_scene_seed + index * (config.num_probe_train_scenes + config.num_test_scenes),
+        seed=config.seed + index,
+        replications=1,
+        fresh=False,
+    )
+
+
+def replication_configs(config: DemoConfig) -> list[DemoConfig]:
+    """The settings of every replication (`replication_config`), with disjoint rooms across all of them.
+
+    Raises:
+        DemoError: fewer than one replication, or a fine-tuning room of one replication is a probe room of another.
+    """
+    if config.replications < 1:
+        raise DemoError(f"--replications must be >= 1, got {config.replications}")
+    configs = [replication_config(config, index) for index in range(config.replications)]
+    seeds = [room_seeds(c) for c in configs]
+    finetune = {seed for s in seeds for seed in s["finetune"]}
+    probe = {seed for s in seeds for seed in s["probe_train"] + s["test"]}
+    if finetune & probe:
+        raise DemoError(
+            f"the fine-tuning rooms of the {config.replications} replications reach the probe rooms (shared seeds "
+            f"{sorted(finetune & probe)[:5]}...); move --probe_scene_seed above {max(finetune)}"
+        )
+    return configs

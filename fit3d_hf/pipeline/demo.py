@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from fit3d_hf import backbones
 from fit3d_hf.backbone_specs import load_backbone_spec
 from fit3d_hf.evaluation import BenchmarkConfig, EvaluationArguments, evaluate
+from fit3d_hf.evaluation.replication import TEST
 from fit3d_hf.finetune import FinetuneConfig, finetune
 from fit3d_hf.hub import base_model_of, finetune_card_extra, write_model_card
 from fit3d_hf.io import atomic_write_json, atomic_write_text
@@ -31,8 +32,8 @@ from fit3d_hf.scenes.synthetic import make_room
 from fit3d_hf.targets import load_targets, render_targets, targets_metadata
 from fit3d_hf.viz import feature_figure, loss_curves_figure
 
-from .config import STAGES, DemoConfig, DemoError, room_seeds, stage_settings
-from .report import summary_markdown, verdicts
+from .config import STAGES, DemoConfig, DemoError, replication_configs, room_seeds, stage_settings
+from .report import replicated_comparisons, replication_lines, summary_markdown
 from .rerun import prepare_run_folder, run_stage
 
 # What a finished run folder holds, as `run_demo` lists it: (name in DemoResult.paths, label, path).
@@ -43,6 +44,7 @@ WRITTEN = (
     ("lifted", "lifted Gaussians", "lifted"),
     ("targets", "targets datasets", "targets"),
     ("benchmark", "benchmark", "eval/results.md"),
+    ("replications", "verdicts across replications", "replications.json"),
     ("features", "picture", "pictures/features.png"),
     ("loss_finetune", "picture", "pictures/loss_finetune.png"),
     ("loss_lifting", "picture", "pictures/loss_lifting.png"),
@@ -59,16 +61,19 @@ class DemoResult:
 
     Args:
         run_dir: the run folder (`DemoConfig.output_dir`).
-        results: the benchmark results (`eval/results.json`, see `fit3d_hf.evaluation.report`).
-        verdicts: one line per comparison (`report.verdicts`), as printed and in summary.md.
+        results: replication 0's benchmark results (`eval/results.json`, see `fit3d_hf.evaluation.report`).
+        replications: replications.json: the replications' folders and seeds, the test, and `comparisons`
+            (`report.replicated_comparisons`: per comparison and metric, the differences, mean, 95% CI, p-values, verdict).
+        verdicts: one line per comparison across replications (`report.replication_lines`), as in the model card.
         timings: seconds of each stage in this run (a skipped stage costs about nothing) and
-            `total_this_run` (up to the summary).
-        skipped: the stages that were complete with these settings and not run again.
+            `total_this_run` (up to the summary); replication k >= 1's stages are named `replications/k/<stage>`.
+        skipped: the stages that were complete with these settings and not run again (named as in timings).
         paths: what the run folder holds, by the names of `WRITTEN`.
     """
 
     run_dir: Path
     results: dict
+    replications: dict
     verdicts: list[str]
     timings: dict[str, float]
     skipped: list[str]
@@ -204,11 +209,14 @@ def evaluate_stage(run_dir: Path, config: DemoConfig) -> None:
 
 
 def card_stage(run_dir: Path, config: DemoConfig, backbone_name: str) -> None:
-    """Stage 6: the FiT3DModel's model card, with the benchmark results and the verdicts."""
+    """Stage 8: the FiT3DModel's model card, with replication 0's benchmark results and the verdicts across replications."""
+    replications = read_replications(run_dir)
     limitations = (
         f"Trained and evaluated by `fit3d demo` on {config.num_train_scenes} procedural rooms with the backbone "
-        f"{backbone_name}; a toy-scale run, not the paper's setting. What the probes show, with the spread over "
-        f"{len(config.probe_seeds)} probe seeds:\n\n" + "\n".join(verdicts(read_results(run_dir)))
+        f"{backbone_name}; a toy-scale run, not the paper's setting. The results above are this model's (replication 0). "
+        f"Verdicts across {replications['n']} independent replication(s) (own fine-tuning rooms, probe rooms and seed each; "
+        f"{replications['test']}; better/WORSE only when the CI excludes 0):\n\n"
+        + "\n".join(replication_lines(replications["comparisons"]))
     )
     training = (
         f"Stage I: {config.num_train_scenes} procedural rooms ({config.scene_views} views, {config.scene_height}x{config.scene_width}) "
@@ -222,7 +230,7 @@ def card_stage(run_dir: Path, config: DemoConfig, backbone_name: str) -> None:
 
 
 def pictures_stage(run_dir: Path, config: DemoConfig, backbone_name: str) -> None:
-    """Stage 7: PCA/k-means of original vs FiT3D features on an unseen room's views, and the loss curves."""
+    """Stage 6 (replication 0 only): PCA/k-means of original vs FiT3D features on an unseen room's views, and the loss curves."""
     test_scene = make_scenes(config, room_seeds(config)["test"][:1])[0]
     model = FiT3DModel.from_pretrained(run_dir / "model").eval()
     views = test_scene.images(list(range(0, test_scene.num_views, max(1, test_scene.num_views // 3)))[:3])
@@ -253,9 +261,32 @@ def pictures_stage(run_dir: Path, config: DemoConfig, backbone_name: str) -> Non
         loss_curves_figure(lifting, run_dir / "pictures" / "loss_lifting.png", title=title, smooth=10)
 
 
+def replicate_stage(run_dir: Path, config: DemoConfig) -> None:
+    """Stage 7: replications.json, the verdicts across the replications (`report.replicated_comparisons`)."""
+    configs = replication_configs(config)
+    folders = [Path(c.output_dir) for c in configs]
+    record = {
+        "n": len(configs),
+        "test": TEST,
+        "replications": [
+            {
+                "index": k,
+                "folder": str(folder.relative_to(run_dir)) or ".",
+                "scene_seed": c.scene_seed,
+                "probe_scene_seed": c.probe_scene_seed,
+                "seed": c.seed,
+            }
+            for k, (c, folder) in enumerate(zip(configs, folders, strict=True))
+        ],
+        "comparisons": replicated_comparisons([read_results(folder) for folder in folders]),
+    }
+    atomic_write_json(run_dir / "replications.json", record)
+
+
 def summary_stage(run_dir: Path, config: DemoConfig, backbone_name: str, timings: dict[str, float]) -> None:
-    """Stage 8: summary.md (`report.summary_markdown`) and timings.json (this run's seconds per stage)."""
-    summary = summary_markdown(run_dir, config, backbone_name, read_results(run_dir), timings["total_this_run"])
+    """Stage 9: summary.md (`report.summary_markdown`) and timings.json (this run's seconds per stage)."""
+    comparisons = read_replications(run_dir)["comparisons"]
+    summary = summary_markdown(run_dir, config, backbone_name, read_results(run_dir), comparisons, timings["total_this_run"])
     atomic_write_text(run_dir / "summary.md", summary + "\n")
     atomic_write_json(run_dir / "timings.json", timings)
 
@@ -263,6 +294,11 @@ def summary_stage(run_dir: Path, config: DemoConfig, backbone_name: str, timings
 def read_results(run_dir: Path) -> dict:
     """The benchmark results the evaluate stage wrote."""
     return json.loads((run_dir / "eval" / "results.json").read_text())
+
+
+def read_replications(run_dir: Path) -> dict:
+    """The verdicts across replications the replicate stage wrote (replications.json)."""
+    return json.loads((run_dir / "replications.json").read_text())
 
 
 def scene_ids(run_dir: Path) -> dict[str, list[str]]:
@@ -273,8 +309,12 @@ def scene_ids(run_dir: Path) -> dict[str, list[str]]:
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run the demo's stages into `config.output_dir` under the rerun rule, and print the summary.
 
-    Sets torch's thread count when `config.threads` is given. A finished stage is skipped, an
-    interrupted one resumes, and a stage made with other settings is refused (`rerun` module).
+    Each of `config.replications` replications runs the stages up to evaluate in its own folder
+    (replication 0 in the run folder, replication k in replications/k: `config.replication_config`);
+    then the pictures (of replication 0), the verdicts across replications, the card and the summary
+    run once. Sets torch's thread count when `config.threads` is given. A finished stage is skipped
+    (so is a finished replication), an interrupted one resumes, and a stage made with other settings
+    is refused (`rerun` module).
 
     Raises:
         DemoError: overlapping room seeds, a run folder that is not the demo's or holds other
@@ -283,22 +323,67 @@ def run_demo(config: DemoConfig) -> DemoResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    room_seeds(config)  # refuses overlapping seeds before anything is written
-    backbone, backbone_name = load_backbone_spec(config.backbone, config.seed)
-    backbone.requires_grad_(False).eval()
+    configs = replication_configs(config)  # refuses overlapping seeds before anything is written
     run_dir = prepare_run_folder(config)
-    print(f"fit3d demo: backbone {backbone_name}; run folder {run_dir}/")
-    rooms = DemoRooms(config)
     timings: dict[str, float] = {}
     skipped: list[str] = []
+    backbone_name = ""
 
-    def stage(name: str, title: str, work) -> None:
-        print(f"\n[{STAGES.index(name) + 1}/{len(STAGES)}] {title}", flush=True)
+    def stage(folder: Path, replication: DemoConfig, backbone_name: str, name: str, title: str, work, derived=False) -> None:
+        label = str(folder.relative_to(run_dir) / name) if folder != run_dir else name
+        print(f"\n[{STAGES.index(name) + 1}/{len(STAGES)}] {title}" + (f" ({folder})" if folder != run_dir else ""), flush=True)
         t = time.perf_counter()
-        if not run_stage(run_dir, name, stage_settings(config, name, backbone_name), work):
-            skipped.append(name)
-        timings[name] = time.perf_counter() - t
+        if not run_stage(folder, name, stage_settings(replication, name, backbone_name), work, redo_when_changed=derived):
+            skipped.append(label)
+        timings[label] = time.perf_counter() - t
 
+    for index, replication in enumerate(configs):
+        folder = run_dir if index == 0 else prepare_run_folder(replication)
+        # Loaded per replication: a random backbone spec is drawn from the replication's seed.
+        backbone, name = load_backbone_spec(replication.backbone, replication.seed)
+        backbone.requires_grad_(False).eval()
+        print(
+            f"\nfit3d demo, replication {index + 1}/{config.replications}: backbone {name}; rooms from seed "
+            f"{replication.scene_seed}, probe rooms from {replication.probe_scene_seed}, seed {replication.seed}; folder {folder}/"
+        )
+        run_replication(folder, replication, backbone, functools.partial(stage, folder, replication, name))
+        backbone_name = backbone_name if index else name  # replication 0's, for the card and the summary
+
+    top = functools.partial(stage, run_dir, config, backbone_name)
+    top("pictures", "pictures (replication 0)", lambda: pictures_stage(run_dir, config, backbone_name))
+    top(
+        "replicate",
+        f"verdicts across {config.replications} replication(s)",
+        lambda: replicate_stage(run_dir, config),
+        derived=True,
+    )
+    top("card", "model card", lambda: card_stage(run_dir, config, backbone_name), derived=True)
+    timings["total_this_run"] = time.perf_counter() - started
+    top("summary", "summary", lambda: summary_stage(run_dir, config, backbone_name, dict(timings)), derived=True)
+
+    results = read_results(run_dir)
+    replications = read_replications(run_dir)
+    print((run_dir / "summary.md").read_text(), end="")
+    print("\nWritten:")
+    paths = {}
+    for name, label, relative in WRITTEN:
+        if (run_dir / relative).exists():
+            paths[name] = run_dir / relative
+            print(f"  {label:<30} {paths[name]}")
+    return DemoResult(
+        run_dir=run_dir,
+        results=results,
+        replications=replications,
+        verdicts=replication_lines(replications["comparisons"]),
+        timings=timings,
+        skipped=skipped,
+        paths=paths,
+    )
+
+
+def run_replication(run_dir: Path, config: DemoConfig, backbone: torch.nn.Module, stage) -> None:
+    """The stages of one replication (scenes to evaluate) in its folder, each through `stage(name, title, work)`."""
+    rooms = DemoRooms(config)
     stage("scenes", "scenes", lambda: scenes_stage(run_dir, config, rooms))
     stage(
         "lift",
@@ -316,17 +401,3 @@ def run_demo(config: DemoConfig) -> DemoResult:
         lambda: finetune_stage(run_dir, config),
     )
     stage("evaluate", "probe benchmark on unseen rooms (original, FiT3D, controls)", lambda: evaluate_stage(run_dir, config))
-    stage("card", "model card", lambda: card_stage(run_dir, config, backbone_name))
-    stage("pictures", "pictures", lambda: pictures_stage(run_dir, config, backbone_name))
-    timings["total_this_run"] = time.perf_counter() - started
-    stage("summary", "summary", lambda: summary_stage(run_dir, config, backbone_name, dict(timings)))
-
-    results = read_results(run_dir)
-    print((run_dir / "summary.md").read_text(), end="")
-    print("\nWritten:")
-    paths = {}
-    for name, label, relative in WRITTEN:
-        if (run_dir / relative).exists():
-            paths[name] = run_dir / relative
-            print(f"  {label:<30} {paths[name]}")
-    return DemoResult(run_dir=run_dir, results=results, verdicts=verdicts(results), timings=timings, skipped=skipped, paths=paths)

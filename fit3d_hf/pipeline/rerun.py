@@ -10,7 +10,10 @@ applies the rule to a stage:
 
 - no record: the stage is recorded as started, runs, and is recorded as complete;
 - a record with other settings (complete or not): refused (`DemoError` naming the changed settings,
-  and the fix: `--fresh` or another `--output_dir`) — results of two settings are never mixed;
+  and the fix: `--fresh` or another `--output_dir`) — results of two settings are never mixed; except
+  for a derived stage (`redo_when_changed`: its artifact is computed cheaply from other stages'
+  artifacts only, like the verdicts across replications, the card and the summary), which runs again
+  with the new settings — so adding replications to a finished run redoes only those;
 - complete with the same settings: skipped;
 - started with the same settings but not complete (a killed run): the stage runs again and its own
   resume mechanism picks up what was left (lift checkpoints, render parts, finetune checkpoints,
@@ -61,7 +64,9 @@ def read_record(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / RECORD_FILE).read_text())
 
 
-def run_stage(run_dir: str | Path, stage: str, settings: dict[str, Any], work: Callable[[], Any]) -> bool:
+def run_stage(
+    run_dir: str | Path, stage: str, settings: dict[str, Any], work: Callable[[], Any], redo_when_changed: bool = False
+) -> bool:
     """Apply the rerun rule (module docstring) to `stage`: run `work()`, resume it, skip it or refuse.
 
     Args:
@@ -70,6 +75,7 @@ def run_stage(run_dir: str | Path, stage: str, settings: dict[str, Any], work: C
         settings: the values its artifact depends on (JSON-serialisable).
         work: writes the stage's artifact into `run_dir`; called again after an interruption, so it
             must resume from (or redo) what an earlier call left.
+        redo_when_changed: the stage is derived (module docstring): other settings redo it instead of refusing.
 
     Returns:
         True when `work` ran, False when the stage was complete with these settings and skipped.
@@ -84,16 +90,20 @@ def run_stage(run_dir: str | Path, stage: str, settings: dict[str, Any], work: C
     if previous is not None:
         old = previous["settings"]
         changed = {key: (old.get(key), settings.get(key)) for key in {**old, **settings} if old.get(key) != settings.get(key)}
-        if changed:
+        if changed and redo_when_changed:
+            print(f"{stage}: made with other settings ({', '.join(sorted(changed))}): redone")
+            previous = None
+        elif changed:
             listed = ", ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in changed.items())
             verb = "made" if previous["complete"] else "started"
             raise DemoError(
                 f"{run_dir}: its {stage} stage was {verb} with other settings ({listed}); "
                 "add --fresh to start over or choose another --output_dir"
             )
-        if previous["complete"]:
-            print(f"{stage}: complete, made with these settings: skipped")
-            return False
+    if previous is not None and previous["complete"]:
+        print(f"{stage}: complete, made with these settings: skipped")
+        return False
+    if previous is not None:
         print(f"{stage}: started with these settings by a run that stopped: resuming")
     else:
         record["stages"][stage] = {"settings": settings, "complete": False}
