@@ -134,6 +134,28 @@ def test_structural_similarity_map():
     assert ssim_map(flat, flat + 0.1)[0, 0, 8, 8].item() == pytest.approx(expected, rel=1e-4)
 
 
+def test_structural_similarity_equals_the_full_window():
+    """The separable filter gives the 3DGS formula with its 11×11 window (zero padding), values and gradients."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 20, 27, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 3, 20, 27, dtype=torch.float64)
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    window = (torch.outer(g, g) / g.sum() ** 2).expand(3, 1, 11, 11)
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, window, padding=5, groups=3)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    expected = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    (grad_expected,) = torch.autograd.grad(expected.sum(), x)
+    got = ssim_map(x, y)
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, grad_expected, rtol=0, atol=1e-10)
+
+
 def test_initial_gaussians_from_points_and_random():
     points = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [2, 2, 2]])
     # Point 0's three nearest neighbours are all at distance 1.

@@ -131,16 +131,18 @@ def test_matches_bruteforce_values_and_gradients(seed, n_cameras):
 
 
 @pytest.mark.parametrize(
-    "tile_size,block,max_elements,min_step",
-    [(8, 4, 4 * 64 * 2, 0), (16, 7, 1, 0), (8, 2, 1 << 22, 1 << 20), (4, 64, 1 << 22, 0)],
+    "tile_size,block,max_elements,min_step,max_saved",
+    [(8, 4, 4 * 64 * 2, 0, 0), (16, 7, 1, 0, 1 << 23), (8, 2, 1 << 22, 1 << 20, 3000), (4, 64, 1 << 22, 0, 1 << 23)],
 )
-def test_tiles_blocks_chunks_and_early_termination(tile_size, block, max_elements, min_step, monkeypatch):
+def test_tiles_blocks_chunks_and_early_termination(tile_size, block, max_elements, min_step, max_saved, monkeypatch):
     """Long tile lists split over several blocks (fixed or growing) and tile chunks; opaque layers
-    end pixels early; the result does not depend on the tile size."""
+    end pixels early; the backward pass reuses the forward pass's blocks or recomputes them (when
+    more than `max_saved` values); the result does not depend on the tile size."""
     monkeypatch.setattr(_torch_backend, "TILE_SIZE", tile_size)
     monkeypatch.setattr(_torch_backend, "BLOCK", block)
     monkeypatch.setattr(_torch_backend, "MAX_BLOCK_ELEMENTS", max_elements)
     monkeypatch.setattr(_torch_backend, "MIN_STEP_ELEMENTS", min_step)
+    monkeypatch.setattr(_torch_backend, "MAX_SAVED_ELEMENTS", max_saved)
     scene = make_scene(n=90, n_cameras=2, seed=6, opacity_range=(0.8, 1.0))
     bg = torch.full((2, 3), 0.3, dtype=torch.float64)
     params = leaves(scene[0], scene[1], 2 * scene[2], *scene[3:5])
@@ -269,6 +271,29 @@ def test_alpha_clamp_and_early_termination():
     expected = torch.tensor([0.999, 0.0, 0.0], dtype=torch.float64) + 1e-3 * bg[0]
     torch.testing.assert_close(r[0, H // 2, W // 2], expected)
     torch.testing.assert_close(a[0, H // 2, W // 2, 0].item(), 0.999)
+
+
+@pytest.mark.parametrize("max_saved", [0, 1 << 23])
+def test_clamped_alpha_passes_no_gradient(max_saved, monkeypatch):
+    """Gaussians of opacity above 0.999 blend at 0.999 near their centre, where their opacity and
+    shape get no gradient, with the forward pass's blocks kept or recomputed."""
+    monkeypatch.setattr(_torch_backend, "MAX_SAVED_ELEMENTS", max_saved)
+    m1, q, s, _, viewmats, Ks = one_gaussian(scale=0.3)
+    front, back = [0.1, -0.05, 0.0], [-0.2, 0.1, 0.6]  # two overlapping opaque Gaussians
+    means = m1 + torch.tensor([front, back], dtype=torch.float64)
+    colors = torch.tensor([[1.0, 0.2, 0.0], [0.0, 0.5, 1.0]], dtype=torch.float64)
+    opacities = torch.tensor([1.0, 0.9995], dtype=torch.float64)
+    params = leaves(
+        means, q.repeat(2, 1), s.repeat(2, 1) * torch.tensor([[1.0, 0.7, 1.0]], dtype=torch.float64), opacities, colors
+    )
+    r, a, _ = rasterize(*params, viewmats, Ks, W, H, backend="torch")
+    r_ref, a_ref, _ = reference(*params, viewmats, Ks, W, H)
+    assert (a >= 0.999).any(), "the front Gaussian should be clamped at 0.999 at its centre"
+    torch.testing.assert_close(r, r_ref, atol=1e-10, rtol=1e-9)
+    ours = torch.autograd.grad(r.square().sum() + a.sum(), params)
+    ref = torch.autograd.grad(r_ref.square().sum() + a_ref.sum(), params)
+    for g, g_ref in zip(ours, ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-6)
 
 
 def test_gaussian_behind_camera_and_empty_scene():
