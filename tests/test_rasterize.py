@@ -158,6 +158,45 @@ def test_tiles_blocks_chunks_and_early_termination(tile_size, block, max_element
         torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-6)
 
 
+def test_tile_lists_hold_exactly_the_gaussians_that_reach_a_pixel():
+    """A tile's list holds every pair whose alpha reaches 1/255 at one of its pixel centres (the
+    bounding-box tiles it misses are dropped), front to back."""
+    means, quats, scales, opacities, _, viewmats, Ks = make_scene(n=200, n_cameras=2, seed=8)
+    scales = scales * torch.tensor([2.5, 0.3, 1.0], dtype=torch.float64)  # elongated: boxes wider than ellipses
+    proj = _torch_backend.project(means, quats, scales, opacities, viewmats, Ks, W, H, 0.01, 1e10, 0.3)
+    ts = 4
+    plan = _torch_backend.bin_to_tiles(proj, 2, W, H, ts)
+    tiles_x, tiles_y = plan.tiles_x, plan.tiles_y
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5, indexing="ij")
+    d = torch.stack([xs, ys], -1)[None] - proj.means2d.detach()[:, None, None, :]  # [M, H, W, 2]
+    a, b, c = proj.conics.detach().unbind(-1)
+    sigma = (
+        0.5 * (a[:, None, None] * d[..., 0] ** 2 + c[:, None, None] * d[..., 1] ** 2) + b[:, None, None] * d[..., 0] * d[..., 1]
+    )
+    alpha = proj.opacities.detach()[:, None, None] * torch.exp(-sigma)
+    pad = torch.nn.functional.pad(alpha, (0, tiles_x * ts - W, 0, tiles_y * ts - H))
+    peak = pad.reshape(-1, tiles_y, ts, tiles_x, ts).amax(dim=(2, 4))  # [M, ty, tx]
+    reaches, nearly = peak >= 1 / 255, peak >= 0.99 / 255  # pairs at the threshold may be listed
+    radii = proj.radii.double()
+    in_box = []
+    for m in range(len(proj.depths)):
+        x0, x1 = proj.means2d[m, 0] - radii[m, 0], proj.means2d[m, 0] + radii[m, 0]
+        y0, y1 = proj.means2d[m, 1] - radii[m, 1], proj.means2d[m, 1] + radii[m, 1]
+        tx, ty = torch.arange(tiles_x) * ts, torch.arange(tiles_y) * ts
+        in_box.append(((ty[:, None] + ts > y0) & (ty[:, None] < y1)) & ((tx[None] + ts > x0) & (tx[None] < x1)))
+    expected, allowed = reaches & torch.stack(in_box), nearly & torch.stack(in_box)
+    for tile in range(plan.lengths.numel()):
+        camera, t = divmod(tile, tiles_x * tiles_y)
+        listed = plan.entries[plan.starts[tile] : plan.starts[tile] + plan.lengths[tile]]
+        assert (proj.camera_ids[listed] == camera).all()
+        assert (proj.depths[listed].diff() >= 0).all(), "front to back"
+        in_camera = proj.camera_ids == camera
+        wanted = (in_camera & expected[:, t // tiles_x, t % tiles_x]).nonzero().squeeze(1)
+        may = (in_camera & allowed[:, t // tiles_x, t % tiles_x]).nonzero().squeeze(1)
+        assert set(wanted.tolist()) <= set(listed.tolist()) <= set(may.tolist()), f"tile {tile}"
+    assert (torch.stack(in_box) & ~reaches).sum() > 50, "the scene should have box tiles that the ellipses miss"
+
+
 def test_float32_close_to_float64():
     scene = make_scene(n=40, seed=5)
     r64, a64, _ = rasterize(*scene, W, H, backend="torch")

@@ -6,9 +6,10 @@ Three steps, as in gsplat's CUDA path:
    gsplat culls: depth outside [near, far], a non-positive 2D determinant after the eps2d
    dilation, opacity < 1/255, an opacity-aware bounding box that misses the image.
 2. `bin_to_tiles`: each visible (camera, Gaussian) pair is listed in every TILE_SIZE² tile its
-   bounding box touches; each tile's list is sorted front to back. Outside that box a Gaussian's
-   alpha is below 1/255 (gsplat skips it), so the image does not depend on the tile size; 8 px
-   tiles waste fewer evaluations than gsplat's 16 px on a CPU.
+   bounding box touches and where its alpha reaches 1/255 at some pixel; each tile's list is
+   sorted front to back. Elsewhere a Gaussian's alpha is below 1/255 (gsplat skips it), so the
+   image does not depend on the tile size; 8 px tiles waste fewer evaluations than gsplat's 16 px
+   on a CPU.
 3. `_Composite`: walks all tile lists together, a block of Gaussians per tile per step, with a
    running transmittance per pixel, dropping tiles whose pixels have all terminated. The exponent
    of a Gaussian over a tile is a quadratic in the pixel offset, so a whole block is one matmul.
@@ -227,6 +228,10 @@ def bin_to_tiles(proj: Projection, n_cameras: int, width: int, height: int, tile
     local -= (torch.cumsum(counts, 0) - counts).to(torch.int32).index_select(0, pair)
     span = span_x.index_select(0, pair)
     tile_ids = first_tile.index_select(0, pair) + (local // span) * tiles_x + local % span
+    # A bounding box's corner tiles often miss the ellipse: drop the tiles where the Gaussian stays
+    # under 1/255 at every pixel (about a quarter of them in fitted scenes; nothing else changes).
+    reaches = _reaches_tile(proj, order.index_select(0, pair), tile_ids % (tiles_x * tiles_y), tiles_x, tile_size)
+    pair, tile_ids = pair[reaches], tile_ids[reaches]
     tile_ids, perm = torch.sort(tile_ids, stable=True)  # keeps depth order inside a tile
     entries = order.index_select(0, pair.index_select(0, perm))
     lengths = torch.bincount(tile_ids, minlength=n_cameras * tiles_x * tiles_y)
@@ -241,6 +246,29 @@ def bin_to_tiles(proj: Projection, n_cameras: int, width: int, height: int, tile
         tiles_y=tiles_y,
         tile_size=tile_size,
     )
+
+
+def _reaches_tile(proj: Projection, pairs: Tensor, tiles: Tensor, tiles_x: int, tile_size: int) -> Tensor:
+    """[K] bool: whether pair `pairs` [K] reaches alpha >= 1/255 anywhere in tile `tiles` [K] (within a camera).
+
+    The exponent sigma = 0.5·(a x² + c y²) + b x y is convex in the offset (x, y) from the mean, so
+    its minimum over the rectangle of the tile's pixel centres is 0 when the mean lies inside and
+    otherwise on an edge, where it is a clamped 1-D minimum. A small margin keeps borderline pairs.
+    """
+    mx, my = proj.means2d[pairs, 0].detach(), proj.means2d[pairs, 1].detach()
+    a, b, c = proj.conics[pairs].detach().unbind(-1)
+    x0 = ((tiles % tiles_x) * tile_size).to(mx.dtype) + 0.5 - mx
+    y0 = ((tiles // tiles_x) * tile_size).to(mx.dtype) + 0.5 - my
+    x1, y1 = x0 + (tile_size - 1), y0 + (tile_size - 1)
+
+    def sigma(x, y):
+        return 0.5 * (a * x * x + c * y * y) + b * x * y
+
+    edges = [sigma(x, torch.clamp(-b * x / c, y0, y1)) for x in (x0, x1)]
+    edges += [sigma(torch.clamp(-b * y / a, x0, x1), y) for y in (y0, y1)]
+    inside = (x0 <= 0) & (x1 >= 0) & (y0 <= 0) & (y1 >= 0)
+    min_sigma = torch.where(inside, 0.0, torch.stack(edges).amin(dim=0))
+    return torch.log(proj.opacities[pairs].detach()) - min_sigma >= math.log(ALPHA_THRESHOLD) - 1e-3
 
 
 def _tiles_to_image(x: Tensor, plan: TilePlan) -> Tensor:
