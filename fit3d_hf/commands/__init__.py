@@ -1,7 +1,8 @@
 """Command-line layer: argument dataclasses parsed with `transformers.HfArgumentParser`.
 
 The library modules never parse arguments; these commands (and `recipes/*.py`, which call
-them) do. Every command accepts `--config FILE.yaml` with flags overriding the file.
+them) do. Every command accepts `--config FILE.yaml` with flags overriding the file, and
+`--threads N` (`fit3d_hf.threads`, applied before the command runs).
 """
 
 import argparse
@@ -11,9 +12,11 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from fit3d_hf.threads import THREADS_HELP, configure_threads
+
 
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: str, description: str) -> tuple[Any, ...]:
-    """Parse `argv` into instances of `dataclass_types`.
+    """Parse `argv` into instances of `dataclass_types` and apply `--threads` (`fit3d_hf.threads`).
 
     `--config FILE.yaml` (a flat mapping of field names) sets defaults; flags given on the
     command line override it. Unknown keys in the YAML file are an error naming them.
@@ -24,6 +27,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
         dataclass_types, prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=None, help="YAML file of arguments; flags override it.")
+    parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     config_path = None
     if "--config" in argv:
         i = argv.index("--config")
@@ -48,5 +52,9 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
             if action.dest in values:
                 action.required = False
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
-    # The extra `--config` option comes back as a Namespace: drop it.
+    # The extra options (`--config`, `--threads`) come back as a Namespace.
+    (extra,) = [o for o in outputs if isinstance(o, argparse.Namespace)]
+    if extra.threads < 0:
+        parser.error(f"--threads must be >= 0, got {extra.threads}")
+    configure_threads(extra.threads)
     return tuple(o for o in outputs if not isinstance(o, argparse.Namespace))

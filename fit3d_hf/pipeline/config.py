@@ -5,7 +5,7 @@ from typing import Any
 
 STAGES = ("scenes", "lift", "render", "finetune", "evaluate", "card", "pictures", "summary")
 # The settings each stage adds to those of the stages before it; a stage's artifact depends on its
-# own and every earlier stage's (`stage_settings`). output_dir, fresh and threads change no artifact.
+# own and every earlier stage's (`stage_settings`). output_dir and fresh change no artifact.
 STAGE_SETTINGS = {
     "scenes": (
         "num_train_scenes",
@@ -76,7 +76,6 @@ class DemoConfig:
     probe_height: int = field(default=96, metadata={"help": "Image height fed to every source by the probes."})
     probe_width: int = field(default=128, metadata={"help": "Image width fed to every source by the probes."})
     fresh: bool = field(default=False, metadata={"help": "Delete the run folder's previous results and start over."})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default, all cores)."})
 
 
 def stage_settings(config: DemoConfig, stage: str, backbone_name: str) -> dict[str, Any]:

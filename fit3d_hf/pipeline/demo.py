@@ -272,15 +272,14 @@ def scene_ids(run_dir: Path) -> dict[str, list[str]]:
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run the demo's stages into `config.output_dir` under the rerun rule, and print the summary.
 
-    Sets torch's thread count when `config.threads` is given. A finished stage is skipped, an
-    interrupted one resumes, and a stage made with other settings is refused (`rerun` module).
+    A finished stage is skipped, an interrupted one resumes, and a stage made with other settings
+    is refused (`rerun` module). Threads follow `fit3d_hf.threads` (`fit3d demo --threads N`, or
+    `fit3d_hf.threads.configure_threads(N)` from Python).
 
     Raises:
         DemoError: overlapping room seeds, a run folder that is not the demo's or holds other
             settings, or targets too sparse to fine-tune on.
     """
-    if config.threads:
-        torch.set_num_threads(config.threads)
     started = time.perf_counter()
     room_seeds(config)  # refuses overlapping seeds before anything is written
     backbone, backbone_name = load_backbone_spec(config.backbone, config.seed)
