@@ -3,9 +3,8 @@
 import time
 from pathlib import Path
 
-import torch
-
 from fit3d_hf.evaluation.report import compare
+from fit3d_hf.threads import describe_threads
 
 from .config import DemoConfig
 
@@ -78,7 +77,7 @@ def summary_markdown(run_dir: Path, config: DemoConfig, backbone_name: str, resu
             f"Backbone: **{backbone_name}**. Fine-tuned on {config.num_train_scenes} rooms; probes trained on "
             f"{config.num_probe_train_scenes} other rooms and tested on {config.num_test_scenes} unseen rooms; "
             f"{len(config.probe_seeds)} probe seeds. Wall time of this run: {seconds:.0f} s "
-            f"({torch.get_num_threads()} threads; stages that were already done are skipped and not counted).",
+            f"({describe_threads()}; stages that were already done are skipped and not counted).",
             "",
             results_grid(results),
             "",
