@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from fit3d_hf.backbones import build_backbone, tiny_config
 from fit3d_hf.lift import FeatureGaussians, LiftConfig, lift_scene, lift_scenes
 from fit3d_hf.lift.config import CPU_PRESET
+from fit3d_hf.lift.gaussians import rasterize_params
 from fit3d_hf.lift.initialization import (
     camera_extent,
     initial_parameters,
@@ -195,6 +196,33 @@ def test_feature_loss_never_moves_geometry():
     for name in ("means", "quats", "scales", "opacities", "sh0", "shN"):
         grad = params[name].grad
         assert grad is None or grad.abs().max() == 0, name
+
+
+def test_feature_loss_at_lower_resolution_equals_pooling_the_full_render():
+    """The rasterizer's pooled feature pass gives the loss (and gradients) of rendering every pixel
+    and adaptive-average-pooling, which is what training did before the fused pass."""
+    scene = tiny_room()
+    config = tiny_config_for_tests(feature_downscale=2)
+    assert scene.height % 2 == 0 and scene.width % 2 == 0, "the fused pass needs sizes that divide"
+    views = load_views(scene, scene.train_views[:1], tiny_backbone(), 1)
+    params = {k: torch.nn.Parameter(v) for k, v in initial_parameters(scene.points[:500], None, 3, 16, 0.5).items()}
+    with torch.no_grad():
+        params["features"].normal_()
+    decoder = torch.nn.Parameter(torch.randn(32, 16, 3, 3) * 0.1)
+    loss, terms, _ = training_loss(params, decoder, views, 0, 3, config)
+    fused = torch.autograd.grad(terms["feature_l1"], [params["features"], decoder])
+
+    intrinsics, w2c = views.intrinsics[:1], views.world_to_camera[:1]
+    _, _, meta = rasterize_params(params, intrinsics, w2c, scene.width, scene.height, 3, config.backend)
+    size = (scene.height // 2, scene.width // 2)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(meta["features"].permute(0, 3, 1, 2), size)
+    decoded = torch.nn.functional.conv2d(pooled, decoder, padding=1)
+    target = torch.nn.functional.interpolate(views.targets[:1].float(), size=size, mode="bilinear", align_corners=False)
+    reference = (decoded - target).abs().mean()
+    assert terms["feature_l1"].item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(fused, torch.autograd.grad(reference, [params["features"], decoder])):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
 def test_masked_pixels_count_in_no_loss():

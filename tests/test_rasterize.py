@@ -411,6 +411,32 @@ def test_feature_pass_reuses_weights_and_never_moves_geometry(f):
         torch.testing.assert_close(g, g_rgb, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("s,width,height", [(2, W, H), (4, W, H), (3, 27, 21)])
+def test_features_averaged_over_pixel_blocks(s, width, height):
+    """features_downscale=s gives the full feature render averaged over s×s blocks, with its
+    gradients for the features alone, and leaves colours and alphas as they are."""
+    scene = make_scene(n=40, n_cameras=2, seed=21)
+    feats = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    means, quats, scales, opacities, colors, features = leaves(*scene[:5], feats)
+    geometry = [means, quats, scales, opacities]
+    r, a, meta = rasterize(*geometry, colors, *scene[5:], width, height, features=features, features_downscale=s, backend="torch")
+    r_full, a_full, meta_full = rasterize(*geometry, colors, *scene[5:], width, height, features=features, backend="torch")
+    _, _, f_ref = reference(*geometry, colors, *scene[5:], width, height, features=features)
+    pooled_ref = torch.nn.functional.adaptive_avg_pool2d(f_ref.permute(0, 3, 1, 2), (height // s, width // s)).permute(0, 2, 3, 1)
+    assert meta["features"].shape == (2, height // s, width // s, 5)
+    assert pooled_ref.abs().max() > 0.1, "the features should cover part of the image"
+    torch.testing.assert_close(meta["features"], pooled_ref, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(r, r_full, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a, a_full, atol=1e-12, rtol=0)
+    target = torch.randn_like(meta["features"])
+    grads = torch.autograd.grad((meta["features"] - target).abs().sum(), geometry + [colors, features], allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in grads[:5]), "a feature loss must not reach geometry or colours"
+    (g_ref,) = torch.autograd.grad((pooled_ref - target).abs().sum(), features)
+    torch.testing.assert_close(grads[5], g_ref, atol=1e-9, rtol=1e-7)
+    with pytest.raises(ValueError, match="features_downscale"):
+        rasterize(*geometry, colors, *scene[5:], width + 1, height, features=features, features_downscale=s, backend="torch")
+
+
 def test_default_strategy_runs_on_torch_backend():
     torch.manual_seed(0)
     means, quats, scales, opacities, colors, viewmats, Ks = [t.float() for t in make_scene(n=50, n_cameras=2, seed=21)]

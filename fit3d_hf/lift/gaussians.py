@@ -110,11 +110,13 @@ def rasterize_params(
     height: int,
     sh_degree: int,
     backend: str,
+    features_downscale: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Activate the parameters (`FeatureGaussians` layout) and rasterize colour (SH up to `sh_degree`) and features.
 
     Returns:
-        `rasterize`'s (renders `[V, H, W, 3]`, alphas `[V, H, W, 1]`, meta with features `[V, H, W, D]`).
+        `rasterize`'s (renders `[V, H, W, 3]`, alphas `[V, H, W, 1]`, meta with features `[V, H / s, W / s, D]`,
+        averaged over s × s pixel blocks for s = `features_downscale`).
     """
     coefficients = params["sh0"] if "shN" not in params else torch.cat([params["sh0"], params["shN"]], dim=1)
     return rasterize(
@@ -129,5 +131,6 @@ def rasterize_params(
         height,
         sh_degree=sh_degree,
         features=params["features"],
+        features_downscale=features_downscale,
         backend=backend,
     )

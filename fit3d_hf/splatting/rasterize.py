@@ -30,6 +30,7 @@ def rasterize(
     eps2d: float = 0.3,
     render_mode: str = "RGB",
     features: Tensor | None = None,
+    features_downscale: int = 1,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, dict]:
     """Rasterize N 3D Gaussians into C pinhole cameras, with gsplat 1.5.3's meaning for every argument.
@@ -60,6 +61,10 @@ def rasterize(
             (background 0) into `meta["features"]`. Their gradients reach `features` only, never
             means, quats, scales or opacities. The torch backend blends them in the same pass as
             the colours; gsplat renders them in a second pass with detached geometry.
+        features_downscale: `meta["features"]` averaged over blocks of this many pixels squared,
+            `[C, H / s, W / s, F]` (width and height must be multiples): what a feature loss at
+            lower resolution needs. The torch backend composites the averages directly, s² times
+            less work than rendering every pixel and pooling.
         backend: "torch" (pure PyTorch, any device), "gsplat" (CUDA tensors only) or "auto"
             (gsplat for CUDA tensors, torch otherwise).
 
@@ -71,7 +76,8 @@ def rasterize(
             as DefaultStrategy.step_pre_backward does; then `.grad` holds image-plane gradients),
             `radii` `[C, N, 2]` int32 bounding-box half sizes (0 = not visible in that camera),
             `depths` `[C, N]`, `gaussian_ids` None (unpacked), `width`, `height`, `n_cameras`,
-            `backend` ("torch" or "gsplat"), and `features` `[C, H, W, F]` when features are given.
+            `backend` ("torch" or "gsplat"), and `features` `[C, H / s, W / s, F]` when features
+            are given (s = features_downscale).
 
     Raises:
         ValueError / TypeError naming the offending argument for wrong shapes, dtypes, devices,
@@ -86,6 +92,13 @@ def rasterize(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
         near_plane, far_plane, eps2d, render_mode, features, backend,
     )  # fmt: skip
+    if isinstance(features_downscale, bool) or not isinstance(features_downscale, int) or features_downscale < 1:
+        raise ValueError(f"features_downscale must be a positive int, got {features_downscale!r}")
+    if width % features_downscale or height % features_downscale:
+        raise ValueError(
+            f"features_downscale={features_downscale} must divide width={width} and height={height} "
+            "(pool a full-size feature render with adaptive pooling otherwise)"
+        )
     if backend == "auto":
         backend = "gsplat" if means.is_cuda else "torch"
     kwargs = dict(
@@ -98,8 +111,14 @@ def rasterize(
         features=features,
     )
     if backend == "gsplat":
-        return _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
-    return rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+        renders, alphas, meta = _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+        if features is not None and features_downscale > 1:
+            pooled = torch.nn.functional.avg_pool2d(meta["features"].permute(0, 3, 1, 2), features_downscale)
+            meta["features"] = pooled.permute(0, 2, 3, 1)
+        return renders, alphas, meta
+    return rasterize_torch(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, features_downscale=features_downscale, **kwargs
+    )
 
 
 def _rasterize_gsplat(
