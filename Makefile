@@ -1,7 +1,7 @@
 # Two environments, chosen on purpose:
 #   .venv       the main job: torch 2.13.0 CPU wheel (small), the package and nothing else.
 #   .venv-test  the test suite: torch 2.14.1 + torchvision 0.29.1, because the conversion
-#               parity tests compare against timm, and timm imports torchvision.
+#               parity tests compare against timm, and timm imports torchvision; gradio for the app tests.
 PY ?= python3
 PIP_FLAGS ?= -q --disable-pip-version-check
 export HF_HUB_OFFLINE ?= 1
@@ -19,7 +19,7 @@ export HF_EVALUATE_OFFLINE ?= 1
 .venv-test/.installed: pyproject.toml
 	$(PY) -m venv .venv-test
 	.venv-test/bin/pip install $(PIP_FLAGS) torch==2.14.1 torchvision==0.29.1
-	.venv-test/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	.venv-test/bin/pip install $(PIP_FLAGS) -e '.[test,app]'
 	touch $@
 
 demo: .venv/.installed

@@ -3,23 +3,27 @@
 The benchmark (`fit3d_hf.evaluation`) writes a results JSON (its format is described in
 `fit3d_hf.evaluation.report`); this module turns it into `huggingface_hub.EvalResult`s and the
 report's results table, renders `model_cards/<template>.md` into `<model_dir>/README.md`, and
-uploads folders: models, and targets datasets with their dataset card (`push_targets`). The stages
-write no cards: callers (the commands and the demo) write them after a stage.
+uploads folders: models, Spaces (`fit3d space`), and targets datasets with their dataset card
+(`push_targets`). The stages write no cards: callers (the commands and the demo) write them after
+a stage.
 """
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import datasets
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, metadata_load, upload_folder
 
 from . import __version__
+from .errors import InputError, InputNotFoundError, ProvenanceError, ResultsError
 from .evaluation.report import METRIC_NAMES, results_table
-from .io import atomic_directory, atomic_write_text
-from .targets import METADATA_FILE, bytes_per_view, target_shape, targets_metadata
+from .io import atomic_directory, atomic_write_text, remove_stale_temporaries
+from .provenance import PROVENANCE_KEY, weight_files_sha256
+from .targets import MASK_DTYPES, METADATA_FILE, bytes_per_view, target_shape, targets_metadata
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"
 DEFAULT_TEMPLATE = "fit3d_template"
@@ -35,12 +39,15 @@ def load_results(path: str | os.PathLike) -> dict:
     """Read a results JSON written by the benchmark; errors name the file and what is missing."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"results file not found: {path}")
-    with open(path) as f:
-        results = json.load(f)
-    missing = [key for key in ("protocol", "sources", "results") if key not in results]
+        raise InputNotFoundError(f"results file not found: {path}")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not a JSON file ({error}); pass the results.json `fit3d evaluate` wrote") from error
+    missing = [key for key in ("protocol", "sources", "results") if not isinstance(results, dict) or key not in results]
     if missing:
-        raise ValueError(f"{path} is not a fit3d_hf benchmark results file: missing keys {missing}")
+        raise InputError(f"{path} is not a fit3d_hf benchmark results file: missing keys {missing}")
     return results
 
 
@@ -74,6 +81,31 @@ def eval_results_from(results: dict, source: str | None = None) -> list[EvalResu
     return entries
 
 
+def check_results_for_card(results: dict, path: str | os.PathLike, model_dir: str | os.PathLike) -> None:
+    """Refuse results that would put wrong numbers on the card of `model_dir`: values that are not
+    numbers (NaN), or results measured on other weights than the folder holds (their recorded
+    `provenance.model.weight_files_sha256`)."""
+    bad = sorted(
+        {
+            f"{row['source']}: {row['task']} {row['metric']}"
+            for row in results["results"]
+            if not all(map(math.isfinite, row["values"]))
+        }
+    )
+    if bad:
+        raise ResultsError(
+            f"{path} holds results that are not numbers ({', '.join(bad)}); a card never shows NaN as a result. "
+            "Run `fit3d evaluate` again (it refuses such results and says why)"
+        )
+    recorded = ((results.get(PROVENANCE_KEY) or {}).get("model") or {}).get("weight_files_sha256")
+    current = weight_files_sha256(model_dir)
+    if recorded is not None and current is not None and recorded != current:
+        raise ProvenanceError(
+            f"{path} was measured on other weights (sha256 {recorded[:12]}…) than {model_dir} holds ({current[:12]}…); "
+            f"evaluate {model_dir} itself (`fit3d evaluate --model {model_dir}`) and card those results"
+        )
+
+
 def write_model_card(
     model_dir: str | os.PathLike,
     *,
@@ -92,13 +124,17 @@ def write_model_card(
             Keys named like `ModelCardData` fields go to the YAML header; all are passed
             to the template.
         template: name of a template in `fit3d_hf/model_cards/` (without `.md`) or a path.
+
+    Raises:
+        ResultsError: the results hold a value that is not a number (`check_results_for_card`).
+        ProvenanceError: the results were measured on other weights than `model_dir` holds.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder not found: {model_dir}")
+        raise InputNotFoundError(f"model folder not found: {model_dir}")
     template_path = Path(template) if template.endswith(".md") else TEMPLATES_DIR / f"{template}.md"
     if not template_path.is_file():
-        raise FileNotFoundError(f"model card template not found: {template_path}")
+        raise InputNotFoundError(f"model card template not found: {template_path}")
     extra = dict(extra or {})
 
     config = {}
@@ -119,6 +155,7 @@ def write_model_card(
     eval_results = None
     if eval_results_path is not None:
         results = load_results(eval_results_path)
+        check_results_for_card(results, eval_results_path, model_dir)
         eval_results = eval_results_from(results) or None
         variables["results_table"] = results_table(results)
         variables["protocol"] = json.dumps(results["protocol"], indent=2, sort_keys=True)
@@ -131,6 +168,7 @@ def write_model_card(
     card_data = ModelCardData(model_name=variables["model_name"], eval_results=eval_results, **card_kwargs)
     variables.update(extra)
     card = ModelCard.from_template(card_data, template_path=str(template_path), **variables)
+    remove_stale_temporaries(model_dir)
     out = model_dir / "README.md"
     atomic_write_text(out, str(card))
     return out
@@ -149,12 +187,13 @@ def push_to_hub(
 
     A model folder (config.json, model.safetensors, preprocessor_config.json, README.md) goes
     up as is; for a dataset, pass a folder written by `Dataset.save_to_disk` or a folder of
-    parquet/json files with `repo_type="dataset"`. Files matching `.*`, `*.tmp` and
-    `checkpoint*/` are not uploaded.
+    parquet/json files with `repo_type="dataset"`; for a Space, a folder whose README.md names
+    its `sdk` and `app_file` (`fit3d space` writes one) with `repo_type="space"`. Files matching
+    `.*`, `*.tmp` and `checkpoint*/` are not uploaded.
     """
     folder = Path(folder)
-    if repo_type not in ("model", "dataset"):
-        raise ValueError(f"repo_type must be 'model' or 'dataset', got {repo_type!r}")
+    if repo_type not in ("model", "dataset", "space"):
+        raise ValueError(f"repo_type must be 'model', 'dataset' or 'space', got {repo_type!r}")
     if not folder.is_dir():
         raise FileNotFoundError(f"folder to upload not found: {folder}")
     if not any(folder.iterdir()):
@@ -165,7 +204,17 @@ def push_to_hub(
             raise ValueError(
                 f"{folder} is not a model folder: it needs config.json and *.safetensors (use repo_type='dataset' for a dataset)"
             )
-    create_repo(repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True)
+    space_sdk = {}
+    if repo_type == "space":
+        metadata = metadata_load(folder / "README.md") if (folder / "README.md").is_file() else None
+        app_file = (metadata or {}).get("app_file", "app.py")
+        if not metadata or "sdk" not in metadata or not (folder / app_file).is_file():
+            raise ValueError(
+                f"{folder} is not a Space folder: it needs README.md with `sdk` in its YAML header and the app_file it names "
+                "(`fit3d space` writes one)"
+            )
+        space_sdk = {"space_sdk": metadata["sdk"]}  # the Hub needs the SDK to create a Space
+    create_repo(repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True, **space_sdk)
     info = upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
@@ -217,6 +266,7 @@ def export_for_hub(dataset_dir: str | os.PathLike, folder: str | os.PathLike, *,
     dataset = datasets.load_from_disk(str(dataset_dir))
     metadata = targets_metadata(dataset)
     hidden_size, grid_height, grid_width = target_shape(dataset)
+    mask = metadata.get("render", {}).get("mask_kind", "coverage")
     card = [
         "---",
         "tags: [fit3d, feature-distillation, 3d-aware-fine-tuning]",
@@ -230,7 +280,7 @@ def export_for_hub(dataset_dir: str | os.PathLike, folder: str | os.PathLike, *,
         "# FiT3D fine-tuning targets",
         "",
         f"{dataset.num_rows} views; target float16 [{hidden_size}, {grid_height}, {grid_width}] per view "
-        f"({bytes_per_view(hidden_size, grid_height, grid_width) / 1e6:.2f} MB uncompressed), uint8 mask, "
+        f"({bytes_per_view(hidden_size, grid_height, grid_width, mask) / 1e6:.2f} MB uncompressed), {MASK_DTYPES[mask]} mask, "
         "PNG image, cameras. Made with `fit3d render` (fit3d_hf); rendering details in `fit3d_targets.json`.",
         "",
         "```python",

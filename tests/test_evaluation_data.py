@@ -24,14 +24,14 @@ def _mmseg(root, split_dir="training", suffix=".jpg"):
         _png(root / "annotations" / split_dir / f"{stem}.png", labels)
 
 
-def _depth_split(root, split_file, scale, rows, h=8, w=12):
+def _depth_split(root, split_file, scale, rows, h=8, w=12, image_dir="", depth_dir=""):
     lines = []
     for i, depth_m in enumerate(rows):
-        _rgb(root / "scene" / f"rgb_{i}.jpg", h, w)
+        _rgb(root / image_dir / "scene" / f"rgb_{i}.jpg", h, w)
         if depth_m is None:
             lines.append(f"/scene/rgb_{i}.jpg None 518.8")
             continue
-        _png(root / "scene" / f"depth_{i}.png", np.full((h, w), depth_m * scale, np.uint16))
+        _png(root / depth_dir / "scene" / f"depth_{i}.png", np.full((h, w), depth_m * scale, np.uint16))
         lines.append(f"/scene/rgb_{i}.jpg /scene/depth_{i}.png 518.8")
     (root / split_file).write_text("\n".join(lines) + "\n")
 
@@ -77,7 +77,8 @@ def test_nyu_depth_split_file_and_eigen_crop(tmp_path):
 
 
 def test_kitti_eigen_split_skips_missing_depth_and_scales_by_256(tmp_path):
-    _depth_split(tmp_path, "kitti_eigen_test.txt", 256, [30.0, None, 90.0], h=40, w=100)
+    # KITTI's split-file paths are relative to input/ (RGB) and gt_depth/ (depth)
+    _depth_split(tmp_path, "kitti_eigen_test.txt", 256, [30.0, None, 90.0], h=40, w=100, image_dir="input", depth_dir="gt_depth")
     data = load_eval_dataset("kitti", tmp_path, "test", "depth")
     assert len(data) == 2 and data.max_depth == 80.0 and data.eval_crop == "garg"
     assert data[0]["depth_m"][0, 0].item() == pytest.approx(30.0)
@@ -147,7 +148,14 @@ def test_run_benchmark_on_images_of_different_sizes(tmp_path):
     torch.manual_seed(0)
     model = backbones.build_backbone(backbones.tiny_config("dinov2", patch_size=8))
     config = BenchmarkConfig(
-        image_height=16, image_width=16, seeds=[0], seg_iterations=3, seg_batch_size=2, seg_warmup_iterations=0, progress=False
+        protocol="fixed",
+        image_height=16,
+        image_width=16,
+        seeds=[0],
+        seg_iterations=3,
+        seg_batch_size=2,
+        seg_warmup_iterations=0,
+        progress=False,
     )
     results = run_benchmark({"a": model, "b": [model, model]}, train, test, config)
     rows = [r for r in results["results"] if r["metric"] == "mean_iou"]
@@ -180,6 +188,8 @@ def test_evaluate_command_on_a_paper_layout(tmp_path):
             "nyuv2",
             "--data_root",
             str(root),
+            "--protocol",
+            "fixed",
             "--image_height",
             "16",
             "--image_width",

@@ -115,7 +115,7 @@ def test_push_to_hub_stops_at_network_boundary(tmp_path, monkeypatch):
     hub.push_to_hub(data_dir, "u/d", repo_type="dataset")
     assert calls["upload"]["repo_type"] == "dataset"
     with pytest.raises(ValueError, match="repo_type"):
-        hub.push_to_hub(data_dir, "u/d", repo_type="space")
+        hub.push_to_hub(data_dir, "u/d", repo_type="notebook")
 
 
 def test_push_command_passes_arguments(tmp_path, monkeypatch):

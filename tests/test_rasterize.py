@@ -1,6 +1,7 @@
 """fit3d_hf.splatting.rasterize: the torch backend against an independent float64 brute-force
 compositor (gsplat's own pure-torch projection + a per-Gaussian loop over all pixels), analytic
-cases, the feature pass, DefaultStrategy on CPU, input validation, and gsplat parity on CUDA."""
+cases, the feature pass, DefaultStrategy on CPU and input validation. The gsplat path on CPU:
+test_gsplat_backend.py; gsplat parity on CUDA: test_rasterize_cuda.py."""
 
 import math
 
@@ -526,73 +527,3 @@ def test_gsplat_backend_refuses_cpu_tensors():
         rasterize(*scene, W, H, backend="gsplat")
     _, _, meta = rasterize(*scene, W, H)  # auto picks torch on CPU
     assert meta["backend"] == "torch"
-
-
-def test_gsplat_backend_plumbing_with_a_stand_in(monkeypatch):
-    """The gsplat path without a GPU: gsplat.rasterization replaced by a recorder that renders with
-    the torch backend. Checks the unpacked layout, one channel chunk covering D (+ depth), and the
-    feature pass on detached geometry."""
-    import gsplat
-
-    from fit3d_hf.splatting._torch_backend import rasterize_torch
-    from fit3d_hf.splatting.rasterize import _rasterize_gsplat
-
-    calls = []
-
-    def stand_in(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs):
-        calls.append(dict(kwargs, geometry_grad=[t.requires_grad for t in (means, quats, scales, opacities)]))
-        return rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-                               sh_degree=kwargs.get("sh_degree"), backgrounds=kwargs.get("backgrounds"),
-                               near_plane=kwargs["near_plane"], far_plane=kwargs["far_plane"], eps2d=kwargs["eps2d"],
-                               render_mode=kwargs.get("render_mode", "RGB"), features=None)  # fmt: skip
-
-    monkeypatch.setattr(gsplat, "rasterization", stand_in)
-    scene = make_scene(n=20, n_cameras=2, d=64, seed=3)
-    means, quats, scales, opacities, colors, features = leaves(*scene[:5], torch.rand(20, 67, dtype=torch.float64))
-    renders, _, meta = _rasterize_gsplat(
-        means, quats, scales, opacities, colors, *scene[5:], W, H, sh_degree=None, backgrounds=None,
-        near_plane=0.01, far_plane=1e10, eps2d=0.3, render_mode="RGB+D", features=features,
-    )  # fmt: skip
-    assert [c["channel_chunk"] for c in calls] == [65, 67] and all(c["packed"] is False for c in calls)
-    assert calls[0]["geometry_grad"] == [True] * 4 and calls[1]["geometry_grad"] == [False] * 4
-    assert renders.shape == (2, H, W, 65) and meta["features"].shape == (2, H, W, 67) and meta["backend"] == "gsplat"
-    grads = torch.autograd.grad(meta["features"].sum(), [means, features], allow_unused=True)
-    assert grads[0] is None and grads[1].abs().sum() > 0
-
-
-requires_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="gsplat parity needs a CUDA GPU (gsplat has no CPU kernels)"
-)
-
-
-@pytest.mark.cuda
-@requires_cuda
-@pytest.mark.parametrize("render_mode,d", [("RGB", 3), ("RGB+D", 64), ("RGB+ED", 67)])
-def test_gsplat_parity(render_mode, d, record_property):
-    scene = [t.float().cuda() for t in make_scene(n=300, n_cameras=2, d=d, seed=17)]
-    feats = torch.randn(300, 16, device="cuda")
-    bg = torch.rand(2, d, device="cuda")
-    outputs, grads = {}, {}
-    for backend in ("torch", "gsplat"):
-        params = leaves(*scene[:5], feats)
-        r, a, meta = rasterize(*params[:5], *scene[5:], W, H, backgrounds=bg, render_mode=render_mode,
-                               features=params[5], backend=backend)  # fmt: skip
-        meta["means2d"].retain_grad()
-        (r.square().sum() + a.sum() + meta["features"].square().sum()).backward()
-        outputs[backend] = (r, a, meta["features"], meta["radii"])
-        grads[backend] = [p.grad for p in params] + [meta["means2d"].grad]
-    # Expected depth divides by alpha: compare it only where alpha is not tiny.
-    covered = outputs["gsplat"][1] > 0.05 if render_mode == "RGB+ED" else torch.ones_like(outputs["gsplat"][1]) > 0
-    for name, x, y in zip(["renders", "alphas", "features"], outputs["torch"][:3], outputs["gsplat"][:3]):
-        diff = ((x - y).abs() * covered).max().item()
-        record_property(f"max_abs_diff_{name}_{render_mode}", diff)
-        print(f"gsplat parity {render_mode} D={d}: {name} max abs diff {diff:.3g}")
-        assert diff < 2e-3, name
-    # Radii are ceil()s of float32 values: allow a rare off-by-one at a rounding edge.
-    assert (outputs["torch"][3] == outputs["gsplat"][3]).float().mean() > 0.99, "radii"
-    names = ["means", "quats", "scales", "opacities", "colors", "features", "means2d"]
-    for name, g, g_ref in zip(names, grads["torch"], grads["gsplat"]):
-        rel = ((g - g_ref).norm() / g_ref.norm().clamp(min=1e-12)).item()
-        record_property(f"grad_rel_diff_{name}_{render_mode}", rel)
-        print(f"gsplat parity {render_mode}: grad {name} relative diff {rel:.3g}")
-        assert rel < 1e-2, name

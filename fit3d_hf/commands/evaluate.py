@@ -11,6 +11,13 @@ correspondence recall on scenes with depth and cameras, and writes <output_dir>/
 (with the protocol) and results.md ("baseline vs FiT3D", controls beside them, differences
 smaller than the seed spread marked ≈).
 
+Protocols (--protocol):
+  paper  (default) the official probes of the paper datasets: each dataset's augmented
+         training crops, features computed every step, sliding-window (segmentation) or
+         flip-averaged (depth) test, the official losses and optimisation (docs/protocol.md)
+  fixed  features once per image at --image_height x --image_width, no augmentation,
+         whole-image test: fast, for synthetic rooms and `datasets` folders; not the paper's
+
 Sources, from --model (a FiT3DModel folder):
   original        the frozen original backbone (or --baseline)       role: baseline
   fit3d           the FiT3DModel as its config.assembly says          role: fit3d
@@ -24,8 +31,9 @@ voc2012, kitti) under --data_root, or --dataset hf with a folder saved by `datas
 
 CPU, minutes:  fit3d evaluate --config recipes/configs/evaluate_synthetic_cpu.yaml --model fit3d-model
 Paper:         accelerate launch recipes/evaluation.py --config recipes/configs/evaluate_paper.yaml \\
-                   --model fit3d-model --dataset nyuv2 --data_root data/nyu
-Features and finished probe runs are cached in <output_dir>/cache: rerun the same command to resume.
+                   --model fit3d-model --dataset scannetpp --data_root eval_data/scannetpp
+Finished probe runs (and the fixed protocol's features) are cached in <output_dir>/cache: rerun
+the same command to resume.
 """
 
 

@@ -3,25 +3,31 @@
 Every adapter returns an `EvalDataset`: a torch Dataset whose items are
 `{"image": [3, H, W] float32 in [0, 1], "semantics": [H, W] int64 (255 = ignore),
 "depth_m": [H, W] float32 (0 = invalid), "name": str}` (semantics / depth only when the set
-has them), with `num_labels`, `max_depth`, `min_depth` and `eval_crop` describing it.
+has them), with `num_labels`, `max_depth`, `min_depth` and `eval_crop` describing it, and
+`pipelines` holding the official probe pipeline per task (`evaluation.pipelines`; empty for data
+that has none).
 
-Layouts (`load_eval_dataset(name, root, split, task)`; split is "train" or "test"):
+Layouts (`load_eval_dataset(name, root, split, task)`; split is "train" or "test"), as the
+official configs (`evaluation/configs/*_linear_config.py`) read them:
 
 | name | segmentation (mmseg folders) | depth (split file of "rgb depth [focal]" lines) |
 |---|---|---|
 | scannetpp (FiT3D release) | images/{training,validation}, annotations/..., 100 classes, 0 = void | scannetpp_{train,val}.txt, mm, max 20 m |
-| scannet | images/{training,validation}, annotations/..., 20 classes, 0 = void | scannet_{train,val}.txt, mm, max 10 m |
+| scannet | images/{training,validation}, annotations/..., 40 classes, 0 = void | scannet_{train,val}.txt, mm, max 10 m, Eigen crop |
 | nyuv2 | images/{training,validation}, annotations/..., 13 classes, 0 = void | nyu_{train,test}.txt, mm, max 10 m, Eigen crop |
 | ade20k | images/{training,validation}, annotations/..., 150 classes, 0 = void | – |
 | voc2012 | JPEGImages, SegmentationClass, ImageSets/Segmentation/{train,val}.txt, 21 classes | – |
-| kitti (Eigen split) | – | kitti_eigen_{train,test}.txt, depth PNG / 256, max 80 m, Garg crop |
+| kitti (Eigen split) | – | kitti_eigen_{train,test}.txt, RGB under input/, depth PNG / 256 under gt_depth/, max 80 m, Garg crop |
+
+Split-file paths are relative to the root (NYU, ScanNet, ScanNet++) or to its `input/` and
+`gt_depth/` folders (KITTI), as in the official datasets.
 
 Any `datasets` dataset works through a column mapping (`from_hf_dataset`), and posed
 scenes with depth / semantics through `from_scenes`.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,8 @@ import torch
 from PIL import Image
 
 from ..scenes.images import IMAGE_SUFFIXES
+from ..scenes.paths import inside
+from .pipelines import PAPER_PIPELINES, Pipeline
 
 
 def _read_image(source) -> torch.Tensor:
@@ -61,7 +69,9 @@ class EvalDataset(torch.utils.data.Dataset):
         max_depth, min_depth: valid depth range in metres (depth) or None.
         reduce_zero_label: label 0 means void: 0 -> 255, k -> k - 1 (mmseg).
         depth_scale: stored depth / depth_scale = metres (1000 for mm PNGs, 256 for KITTI).
-        eval_crop: "eigen" (NYU) or "garg" (KITTI): only this region counts in depth metrics.
+        eval_crop: "eigen" (NYU, ScanNet) or "garg" (KITTI): only this region counts in depth metrics.
+        pipelines: task -> the official probe pipeline of this data (`load_eval_dataset` sets
+            it); `BenchmarkConfig.protocol = "paper"` needs it.
     """
 
     name: str
@@ -72,6 +82,7 @@ class EvalDataset(torch.utils.data.Dataset):
     reduce_zero_label: bool = False
     depth_scale: float = 1.0
     eval_crop: str | None = None
+    pipelines: dict[str, Pipeline] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.items:
@@ -117,7 +128,7 @@ class EvalDataset(torch.utils.data.Dataset):
         if self.eval_crop == "garg":
             crop[int(0.40810811 * h) : int(0.99189189 * h), int(0.03594771 * w) : int(0.96405229 * w)] = True
         elif self.eval_crop == "eigen":
-            # Eigen et al.'s crop of 480x640 NYU frames, scaled for other sizes
+            # Eigen et al.'s crop of 480x640 NYU frames (the official [45:471, 41:601]), scaled for other sizes
             crop[round(45 * h / 480) : round(471 * h / 480), round(41 * w / 640) : round(601 * w / 640)] = True
         else:
             raise ValueError(f"unknown eval_crop {self.eval_crop!r} (eigen or garg)")
@@ -165,10 +176,20 @@ def mmseg_segmentation(
 
 
 def split_file_depth(
-    root: str | os.PathLike, split_file: str, *, name: str, depth_scale: float, max_depth: float, eval_crop: str | None = None
+    root: str | os.PathLike,
+    split_file: str,
+    *,
+    name: str,
+    depth_scale: float,
+    max_depth: float,
+    eval_crop: str | None = None,
+    image_dir: str = "",
+    depth_dir: str = "",
+    allow_external_paths: bool = False,
 ) -> EvalDataset:
     """Depth set listed in `root/split_file`, one "rgb_path depth_path [focal]" line per image,
-    paths relative to root (a leading slash is dropped); lines whose depth is "None" are
+    paths relative to `root/image_dir` and `root/depth_dir` (a leading slash is dropped) and inside
+    `root` unless `allow_external_paths` (`scenes.paths.inside`); lines whose depth is "None" are
     skipped, as in the depth toolbox (KITTI's Eigen split has some)."""
     root = Path(root)
     split_path = root / split_file
@@ -183,7 +204,17 @@ def split_file_depth(
             raise ValueError(f"{split_path}:{number}: expected 'rgb_path depth_path [focal]', got {line!r}")
         if fields[1] == "None":
             continue
-        image, depth = root / fields[0].lstrip("/\\"), root / fields[1].lstrip("/\\")
+        image, depth = (
+            inside(
+                root,
+                root / folder,
+                entry.lstrip("/\\"),
+                source=f"{split_path}:{number}",
+                what=what,
+                allow_external_paths=allow_external_paths,
+            )
+            for entry, folder, what in ((fields[0], image_dir, "rgb path"), (fields[1], depth_dir, "depth path"))
+        )
         for path in (image, depth):
             if not path.is_file():
                 raise FileNotFoundError(f"{split_path}:{number}: file not found: {path}")
@@ -204,8 +235,13 @@ PAPER_DATASETS: dict[str, dict[str, dict]] = {
         },
     },
     "scannet": {
-        "segmentation": {"num_labels": 20, "reduce_zero_label": True},
-        "depth": {"files": {"train": "scannet_train.txt", "test": "scannet_val.txt"}, "depth_scale": 1000.0, "max_depth": 10.0},
+        "segmentation": {"num_labels": 40, "reduce_zero_label": True},
+        "depth": {
+            "files": {"train": "scannet_train.txt", "test": "scannet_val.txt"},
+            "depth_scale": 1000.0,
+            "max_depth": 10.0,
+            "eval_crop": "eigen",
+        },
     },
     "nyuv2": {
         "segmentation": {"num_labels": 13, "reduce_zero_label": True},
@@ -221,6 +257,8 @@ PAPER_DATASETS: dict[str, dict[str, dict]] = {
     "kitti": {
         "depth": {
             "files": {"train": "kitti_eigen_train.txt", "test": "kitti_eigen_test.txt"},
+            "image_dir": "input",
+            "depth_dir": "gt_depth",
             "depth_scale": 256.0,
             "max_depth": 80.0,
             "eval_crop": "garg",
@@ -229,8 +267,12 @@ PAPER_DATASETS: dict[str, dict[str, dict]] = {
 }
 
 
-def load_eval_dataset(name: str, root: str | os.PathLike, split: str, task: str) -> EvalDataset:
-    """One of the paper's evaluation sets (see the table above) from its standard layout."""
+def load_eval_dataset(
+    name: str, root: str | os.PathLike, split: str, task: str, *, allow_external_paths: bool = False
+) -> EvalDataset:
+    """One of the paper's evaluation sets (see the table above) from its standard layout, with its
+    official probe pipeline for `task` (`EvalDataset.pipelines`); the files its split files name
+    must lie inside `root` unless `allow_external_paths`."""
     if name not in PAPER_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(PAPER_DATASETS)} (or use from_hf_dataset)")
     if task not in PAPER_DATASETS[name]:
@@ -240,15 +282,22 @@ def load_eval_dataset(name: str, root: str | os.PathLike, split: str, task: str)
     spec = dict(PAPER_DATASETS[name][task])
     if task == "depth":
         files = spec.pop("files")
-        return split_file_depth(root, files[split], name=name, **spec)
-    if name == "voc2012":
+        data = split_file_depth(root, files[split], name=name, allow_external_paths=allow_external_paths, **spec)
+    elif name == "voc2012":
         root = Path(root)
         split_path = root / "ImageSets" / "Segmentation" / ("train.txt" if split == "train" else "val.txt")
         if not split_path.is_file():
             raise FileNotFoundError(f"voc2012: split file not found: {split_path}")
         stems = split_path.read_text().split()
-        return mmseg_segmentation(root, "JPEGImages", "SegmentationClass", name=name, stems=stems, **spec)
-    return mmseg_segmentation(root, *_MMSEG_SPLITS[split], name=name, **spec)
+        for stem in stems:
+            inside(
+                root, root / "JPEGImages", stem, source=str(split_path), what="entry", allow_external_paths=allow_external_paths
+            )
+        data = mmseg_segmentation(root, "JPEGImages", "SegmentationClass", name=name, stems=stems, **spec)
+    else:
+        data = mmseg_segmentation(root, *_MMSEG_SPLITS[split], name=name, **spec)
+    data.pipelines = {task: PAPER_PIPELINES[name][task]}
+    return data
 
 
 def from_hf_dataset(

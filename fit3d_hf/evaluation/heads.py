@@ -5,8 +5,11 @@ bilinearly upsampled to the label size; cross-entropy ignoring 255.
 
 Depth: the last layer's patch features *without* the final norm, concatenated with the CLS
 token broadcast over the grid; upsampled ×4; a 1×1 conv to 256 bins spread uniformly over
-[min_depth, max_depth]; bin weights relu(x) + 0.1, normalised; depth = Σ weights · centres.
-Loss: SigLoss (λ = 0.15) + 0.5 · multi-scale gradient loss on log depth.
+[min_depth, max_depth]; bin weights relu(x) + 0.1, normalised; depth = Σ weights · centres. For
+FiT3D the input is [original patches ‖ fine-tuned patches ‖ original CLS], 3C channels, as the
+official `linear_evaluate_fit3d.py` and `linear_head.py` build it (the benchmark picks the CLS).
+Loss (`depth_loss`): SigLoss (λ = 0.15), what the official configs effectively train (see
+`depth_loss`), or SigLoss + 0.5 · our multi-scale gradient loss on log depth.
 """
 
 from dataclasses import dataclass
@@ -44,9 +47,23 @@ class SegmentationProbe(nn.Module):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Cross-entropy of logits `[B, K, H, W]` against labels `[B, H, W]` (ignore_index skipped)."""
-    return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)
+SEGMENTATION_LOSSES = ("all_pixels", "labelled_pixels")
+
+
+def segmentation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, mean_over: str = "all_pixels"
+) -> torch.Tensor:
+    """Cross-entropy of logits `[B, K, H, W]` against labels `[B, H, W]`; ignored pixels add nothing.
+
+    mean_over: "all_pixels" divides by every pixel, ignored and padded ones included (mmseg 0.27's
+    CrossEntropyLoss, `avg_non_ignore=False`, what the official probes train with);
+    "labelled_pixels" divides by the labelled ones (PyTorch's default).
+    """
+    if mean_over not in SEGMENTATION_LOSSES:
+        raise ValueError(f"mean_over must be one of {SEGMENTATION_LOSSES}, got {mean_over!r}")
+    if mean_over == "labelled_pixels":
+        return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)
+    return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none").mean()
 
 
 def _bilinear_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
@@ -60,24 +77,34 @@ class DepthProbe(nn.Module):
     """Binned linear depth head over `[patch features, CLS]`.
 
     Args:
-        in_channels: backbone width C (the head sees 2C channels: patches and CLS).
-        min_depth, max_depth: range of the uniform bins (metres).
+        in_channels: width of the patch features C.
+        max_depth, min_depth: range of the uniform bins (metres).
         n_bins: number of bins (256 in the protocol).
         upsample: factor applied to the feature grid before the 1×1 conv (4).
+        cls_channels: width of the CLS token (default C); the conv sees `in_channels + cls_channels`
+            (FiT3D ViT-S: 768 + 384 = 1152, the official `channels`).
     """
 
-    def __init__(self, in_channels: int, max_depth: float, min_depth: float = 1e-3, n_bins: int = 256, upsample: int = 4):
+    def __init__(
+        self,
+        in_channels: int,
+        max_depth: float,
+        min_depth: float = 1e-3,
+        n_bins: int = 256,
+        upsample: int = 4,
+        cls_channels: int | None = None,
+    ):
         super().__init__()
         self.upsample = upsample
-        self.conv = nn.Conv2d(2 * in_channels, n_bins, kernel_size=1)
+        self.conv = nn.Conv2d(in_channels + (in_channels if cls_channels is None else cls_channels), n_bins, kernel_size=1)
         nn.init.normal_(self.conv.weight, std=0.01)
         nn.init.zeros_(self.conv.bias)
         self.register_buffer("bins", torch.linspace(min_depth, max_depth, n_bins), persistent=False)
         self.min_depth, self.max_depth = min_depth, max_depth
 
     def forward(self, feature_maps: torch.Tensor, cls_token: torch.Tensor, size: tuple[int, int]) -> DepthProbeOutput:
-        """feature_maps `[B, C, h, w]` (unnormed), cls_token `[B, C]`, size (H, W) -> depth `[B, 1, H, W]`."""
-        cls = cls_token[:, :, None, None].expand_as(feature_maps)
+        """feature_maps `[B, C, h, w]` (unnormed), cls_token `[B, C_cls]`, size (H, W) -> depth `[B, 1, H, W]`."""
+        cls = cls_token[:, :, None, None].expand(-1, -1, *feature_maps.shape[-2:])
         x = torch.cat([feature_maps, cls], dim=1)
         h, w = feature_maps.shape[-2:]
         # Bilinear upsampling and a 1×1 conv commute (both linear; interpolation weights sum
@@ -110,8 +137,9 @@ def gradient_loss(
     pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, eps: float = 1e-3, scales: int = 4
 ) -> torch.Tensor:
     """Multi-scale gradient matching of log depth over `[B, 1, H, W]` maps (mmdepth's
-    GradientLoss at strides 1, 2, 4, 6, with 2-pixel differences). The original slices the
-    first two dims of a 4D tensor (batch, channel); here the strides apply to H and W."""
+    GradientLoss at strides 1, 2, 4, 6, with 2-pixel differences), corrected: the official one
+    slices the first two dims of the 4D tensor (batch, channel), which is exactly zero at its 2
+    images per GPU; here the strides and differences apply to H and W."""
     total = pred.new_zeros(())
     for i in range(scales):
         step = max(1, 2 * i)
@@ -126,10 +154,38 @@ def gradient_loss(
     return total
 
 
+DEPTH_LOSSES = ("sigloss", "sigloss+gradient")
+
+
 def depth_loss(
-    pred: torch.Tensor, target: torch.Tensor, max_depth: float, min_depth: float = 1e-3, warm_up: bool = False
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    objective: str = "sigloss",
+    warm_up: bool = False,
+    group_size: int | None = None,
 ) -> torch.Tensor:
-    """SigLoss (λ 0.15) + 0.5 · gradient loss; pred, target `[B, 1, H, W]` metres, valid where
-    min_depth < target <= max_depth."""
-    valid = (target > min_depth) & (target <= max_depth)
-    return sig_loss(pred, target, valid, warm_up=warm_up) + 0.5 * gradient_loss(pred, target, valid)
+    """The depth probe's loss; pred, target `[B, 1, H, W]` metres, valid where target > 0 (the
+    official losses set no upper bound).
+
+    objective: "sigloss" — SigLoss (λ 0.15) alone: what the official configs effectively train,
+        since their `SigLoss + 0.5 · GradientLoss` has a gradient term that is exactly zero at 2
+        images per GPU; "sigloss+gradient" — SigLoss + 0.5 · `gradient_loss`, the gradient term
+        as intended (a deviation from what the paper's probes trained on).
+    warm_up: SigLoss keeps only its mean term (its first 100 steps in the official configs).
+    group_size: compute the loss over groups of this many images and average the groups, as
+        data-parallel training with this many images per GPU does (the official: 2); None: one
+        group, the whole batch.
+    """
+    if objective not in DEPTH_LOSSES:
+        raise ValueError(f"objective must be one of {DEPTH_LOSSES}, got {objective!r}")
+    step = group_size or pred.shape[0]
+    losses = []
+    for start in range(0, pred.shape[0], step):
+        p, t = pred[start : start + step], target[start : start + step]
+        valid = t > 0
+        loss = sig_loss(p, t, valid, warm_up=warm_up)
+        if objective == "sigloss+gradient":
+            loss = loss + 0.5 * gradient_loss(p, t, valid)
+        losses.append(loss)
+    return torch.stack(losses).mean()

@@ -4,7 +4,7 @@ Results JSON (written by `write_report`, read by `fit3d_hf.hub` for model cards)
 
 ```
 {"fit3d_hf_version": "0.1.0",
- "protocol": {...resolution, iterations, assembly, normalisation, seeds...},
+ "protocol": {"protocol": "paper" or "fixed", pipelines or image size, probe optimisation, seeds...},
  "sources": {"original": {"role": "baseline", "description": "..."},
              "fit3d": {"role": "fit3d", ...}, "blur_control": {"role": "control", ...}},
  "results": [{"dataset": "synthetic", "split": "test", "task": "segmentation",
@@ -132,12 +132,16 @@ def write_report(results: dict, output_dir: str | os.PathLike) -> tuple[Path, Pa
     json_path, md_path = output_dir / "results.json", output_dir / "results.md"
     atomic_write_json(json_path, results)
     protocol = results["protocol"]
+    if protocol.get("protocol") == "paper":
+        how = "protocol paper (the dataset's official probe pipelines: augmented crops, sliding-window / flip-averaged test)"
+    else:
+        how = "protocol fixed (features once per image at one size, no augmentation, whole-image test)"
     lines = [
         "# Probe benchmark: baseline vs FiT3D",
         "",
         f"fit3d_hf {results['fit3d_hf_version']}; trained on {protocol['train_dataset']['name']} "
         f"({protocol['train_dataset']['images']} images), tested on {protocol['test_dataset']['name']} "
-        f"({protocol['test_dataset']['images']} unseen images); seeds {protocol['seeds']}; device {protocol['device']}.",
+        f"({protocol['test_dataset']['images']} unseen images); {how}; seeds {protocol['seeds']}; device {protocol['device']}.",
         "",
         results_table(results),
         "",
@@ -148,8 +152,8 @@ def write_report(results: dict, output_dir: str | os.PathLike) -> tuple[Path, Pa
         models = " + ".join(
             f"{m['family']}{'/' + m['assembly'] if m['assembly'] else ''} (width {m['hidden_size']})" for m in source["models"]
         )
-        lines.append(
-            f"- **{name}** ({source['role']}): {source['description'] or models}; input {source['input_size'][0]}×{source['input_size'][1]}"
-        )
+        size = source.get("input_size")
+        where = f"input {size[0]}×{size[1]}" if size else "input: the pipeline's crops, centre-padded to a patch multiple"
+        lines.append(f"- **{name}** ({source['role']}): {source['description'] or models}; {where}")
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return json_path, md_path

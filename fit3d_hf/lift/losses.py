@@ -56,6 +56,9 @@ def training_loss(
         height,
         sh_degree,
         config.backend,
+        # The lifting loop checks the parameters every `config.check_every` steps instead of every call.
+        check_finite=False,
+        near_plane=config.near_plane,
         features_downscale=downscale if fused else 1,
     )
     rgb = renders.permute(0, 3, 1, 2)

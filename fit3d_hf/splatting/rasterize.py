@@ -1,11 +1,13 @@
 """`rasterize()`: one differentiable Gaussian rasterizer, gsplat on CUDA and pure PyTorch elsewhere."""
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
 from ._torch_backend import rasterize_torch
+from .gsplat_backend import gsplat_extension_problem, rasterize_gsplat
 
 RENDER_MODES = ("RGB", "RGB+D", "RGB+ED")
 BACKENDS = ("auto", "torch", "gsplat")
@@ -32,10 +34,11 @@ def rasterize(
     features: Tensor | None = None,
     features_downscale: int = 1,
     backend: str = "auto",
+    check_finite: bool = True,
 ) -> tuple[Tensor, Tensor, dict]:
     """Rasterize N 3D Gaussians into C pinhole cameras, with gsplat 1.5.3's meaning for every argument.
 
-    Both backends composite front to back per 16×16 tile with gsplat's rules: EWA projection with
+    Both backends composite front to back per tile with gsplat's rules: EWA projection with
     the 2D covariance dilated by `eps2d`, an opacity-aware radius of min(3.33, sqrt(2 ln(255·o)))
     standard deviations, alpha clamped to 0.999, contributions with alpha < 1/255 skipped, and a
     pixel stopping before the Gaussian that would take its transmittance to 1e-4 or below.
@@ -60,13 +63,18 @@ def rasterize(
         features: `[N, F]` extra per-Gaussian features composited with the same blending weights
             (background 0) into `meta["features"]`. Their gradients reach `features` only, never
             means, quats, scales or opacities. The torch backend blends them in the same pass as
-            the colours; gsplat renders them in a second pass with detached geometry.
+            the colours; gsplat in a second pass over the colour pass's tile lists, with detached
+            geometry. Any width F (and D): gsplat renders them in chunks its backward kernel can
+            run on the GPU (`gsplat_backend.channel_chunk`).
         features_downscale: `meta["features"]` averaged over blocks of this many pixels squared,
             `[C, H / s, W / s, F]` (width and height must be multiples): what a feature loss at
             lower resolution needs. The torch backend composites the averages directly, s² times
             less work than rendering every pixel and pooling.
-        backend: "torch" (pure PyTorch, any device), "gsplat" (CUDA tensors only) or "auto"
-            (gsplat for CUDA tensors, torch otherwise).
+        backend: "torch" (pure PyTorch, any device), "gsplat" (CUDA float32 tensors, gsplat's CUDA
+            extension) or "auto": gsplat when it can take the inputs, torch otherwise
+            (`resolve_backend`); `meta["backend"]` says which ran.
+        check_finite: scan every input for NaN/Inf (one host-device synchronisation per call);
+            shapes, dtypes and devices are always checked.
 
     Returns:
         renders: `[C, H, W, D]`, or `[C, H, W, D + 1]` with depth in the last channel.
@@ -81,16 +89,23 @@ def rasterize(
 
     Raises:
         ValueError / TypeError naming the offending argument for wrong shapes, dtypes, devices,
-        NaN/Inf values or unknown options; RuntimeError when gsplat is asked for CPU tensors.
+        NaN/Inf values or unknown options; backend="gsplat" for inputs gsplat cannot take:
+        RuntimeError for non-CUDA tensors or a missing CUDA extension (with the fix), TypeError
+        for float64.
 
     Example:
         >>> renders, alphas, meta = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, 160, 120)
         >>> renders.shape, alphas.shape
         (torch.Size([C, 120, 160, D]), torch.Size([C, 120, 160, 1]))
     """
+    if not isinstance(means, torch.Tensor):
+        raise TypeError(f"means must be a torch.Tensor, got {type(means).__name__}")
+    # The backend that will run, chosen before anything else: gsplat's requirements (CUDA, float32, its
+    # extension) are checked there, so "auto" never hands gsplat inputs it cannot take.
+    backend = resolve_backend(backend, means.device, means.dtype)
     _validate(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
-        near_plane, far_plane, eps2d, render_mode, features, backend,
+        near_plane, far_plane, eps2d, render_mode, features, check_finite,
     )  # fmt: skip
     if isinstance(features_downscale, bool) or not isinstance(features_downscale, int) or features_downscale < 1:
         raise ValueError(f"features_downscale must be a positive int, got {features_downscale!r}")
@@ -99,8 +114,6 @@ def rasterize(
             f"features_downscale={features_downscale} must divide width={width} and height={height} "
             "(pool a full-size feature render with adaptive pooling otherwise)"
         )
-    if backend == "auto":
-        backend = "gsplat" if means.is_cuda else "torch"
     kwargs = dict(
         sh_degree=sh_degree,
         backgrounds=backgrounds,
@@ -111,7 +124,7 @@ def rasterize(
         features=features,
     )
     if backend == "gsplat":
-        renders, alphas, meta = _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+        renders, alphas, meta = rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
         if features is not None and features_downscale > 1:
             pooled = torch.nn.functional.avg_pool2d(meta["features"].permute(0, 3, 1, 2), features_downscale)
             meta["features"] = pooled.permute(0, 2, 3, 1)
@@ -121,26 +134,39 @@ def rasterize(
     )
 
 
-def _rasterize_gsplat(
-    means, quats, scales, opacities, colors, viewmats, Ks, width, height, *, features, **kwargs
-) -> tuple[Tensor, Tensor, dict]:
-    import gsplat
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend `rasterize(..., backend=backend)` runs for inputs on `device` of `dtype`: "torch" or "gsplat".
 
-    # One kernel launch per call: gsplat otherwise splits D into chunks of 32 channels.
-    width_out = (3 if kwargs["sh_degree"] is not None else colors.shape[-1]) + (kwargs["render_mode"] != "RGB")
-    renders, alphas, meta = gsplat.rasterization(
-        means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-        packed=False, channel_chunk=width_out, **kwargs,
-    )  # fmt: skip
-    if features is not None:
-        # A second pass on detached geometry: the feature loss must not move the Gaussians.
-        meta["features"], _, _ = gsplat.rasterization(
-            means.detach(), quats.detach(), scales.detach(), opacities.detach(), features, viewmats, Ks,
-            width, height, packed=False, channel_chunk=features.shape[-1], near_plane=kwargs["near_plane"],
-            far_plane=kwargs["far_plane"], eps2d=kwargs["eps2d"],
-        )  # fmt: skip
-    meta["backend"] = "gsplat"
-    return renders, alphas, meta
+    "auto" is gsplat only when gsplat can take the inputs: CUDA float32 tensors and gsplat's CUDA
+    extension loaded or buildable (`gsplat_extension_problem`); otherwise torch, with a warning
+    when CUDA inputs fall back because of the extension. "gsplat" is checked the same way.
+
+    Raises:
+        ValueError: an unknown backend.
+        RuntimeError: backend="gsplat" on a device other than CUDA, or without gsplat's extension.
+        TypeError: backend="gsplat" with a dtype other than float32.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and (device.type != "cuda" or dtype != torch.float32)):
+        return "torch"
+    if backend == "auto":
+        problem = gsplat_extension_problem()
+        if problem is None:
+            return "gsplat"
+        warnings.warn(f"backend='auto' renders CUDA tensors with the torch backend (much slower): {problem}", stacklevel=3)
+        return "torch"
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"backend='gsplat' needs CUDA tensors, but means is on {device}: gsplat has no CPU kernels. "
+            "Use backend='torch' (or 'auto') on CPU."
+        )
+    if dtype != torch.float32:
+        raise TypeError(f"backend='gsplat' needs float32 tensors, means has dtype {dtype}")
+    problem = gsplat_extension_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
+    return "gsplat"
 
 
 def _check_tensor(name: str, x, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
@@ -154,22 +180,18 @@ def _check_tensor(name: str, x, shape: tuple, dtype: torch.dtype, device: torch.
     if x.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name} has shape {list(x.shape)}, expected {want}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def _validate(
     means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
-    near_plane, far_plane, eps2d, render_mode, features, backend,
+    near_plane, far_plane, eps2d, render_mode, features, check_finite,
 ) -> None:  # fmt: skip
-    if not isinstance(means, torch.Tensor):
-        raise TypeError(f"means must be a torch.Tensor, got {type(means).__name__}")
     if means.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"means has dtype {means.dtype}, expected torch.float32 or torch.float64")
     if means.dim() != 2 or means.shape[1] != 3:
         raise ValueError(f"means has shape {list(means.shape)}, expected [N, 3]")
     n, dtype, device = means.shape[0], means.dtype, means.device
-    _check_tensor("means", means, (n, 3), dtype, device)
+    tensors = {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors}
     _check_tensor("quats", quats, (n, 4), dtype, device)
     _check_tensor("scales", scales, (n, 3), dtype, device)
     _check_tensor("opacities", opacities, (n,), dtype, device)
@@ -195,12 +217,15 @@ def _validate(
         raise ValueError("viewmats holds no camera (C = 0)")
     _check_tensor("viewmats", viewmats, (c, 4, 4), dtype, device)
     _check_tensor("Ks", Ks, (c, 3, 3), dtype, device)
+    tensors.update(viewmats=viewmats, Ks=Ks)
     if backgrounds is not None:
         _check_tensor("backgrounds", backgrounds, (c, n_colors), dtype, device)
+        tensors["backgrounds"] = backgrounds
     if features is not None:
         _check_tensor("features", features, (n, None), dtype, device)
         if features.shape[1] < 1:
             raise ValueError("features has zero channels")
+        tensors["features"] = features
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -211,13 +236,9 @@ def _validate(
         raise ValueError(f"need 0 < near_plane < far_plane, got near_plane={near_plane}, far_plane={far_plane}")
     if render_mode not in RENDER_MODES:
         raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "gsplat":
-        if device.type != "cuda":
-            raise RuntimeError(
-                f"backend='gsplat' needs CUDA tensors, but means is on {device}: gsplat has no CPU kernels. "
-                "Use backend='torch' (or 'auto') on CPU."
-            )
-        if dtype != torch.float32:
-            raise TypeError(f"backend='gsplat' needs float32 tensors, means has dtype {dtype}")
+    if check_finite:
+        # One reduction per tensor, read back together: a single host-device synchronisation.
+        finite = torch.stack([torch.isfinite(x).all() for x in tensors.values()]).tolist()
+        bad = [name for name, ok in zip(tensors, finite) if not ok]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} contain{'s' if len(bad) == 1 else ''} NaN or Inf values")

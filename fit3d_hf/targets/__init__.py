@@ -17,10 +17,11 @@ Modules: `schema` (columns and dataset-level metadata), `render` (`render_target
 """
 
 from .load import load_targets, training_dataset
-from .render import gaussian_blur, render_targets
+from .render import MASKS, PAPER_TARGETS, gaussian_blur, render_targets
 from .schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    MASK_DTYPES,
     METADATA_FILE,
     TRAINING_COLUMNS,
     bytes_per_view,
@@ -32,7 +33,10 @@ from .schema import (
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MASKS",
+    "MASK_DTYPES",
     "METADATA_FILE",
+    "PAPER_TARGETS",
     "TRAINING_COLUMNS",
     "bytes_per_view",
     "gaussian_blur",
