@@ -5,8 +5,8 @@ Runs `fit3d demo --fresh` (its default settings) in a fresh process and reads th
 `git worktree add /tmp/old 2566e3d`) and this checkout again with one CPU-bound process running
 beside it (`--busy`), one after the other (`--together`: this checkout and the baseline at the
 same time, so that both see the same load; then the busy run). Two tables give each stage's
-wall-clock seconds and CPU seconds (sampled from /proc while the run lasts; with one thread about
-the seconds the stage takes on an idle core), each with the ratios to this checkout's run; then
+wall-clock seconds and CPU seconds (sampled from /proc while the run lasts), each with the ratios
+to this checkout's run; then
 the lifting it/s and the verdicts. The header gives the CPU model, its vector extensions, the
 core count, torch's threads and the OpenMP wait policy, and the load average before and after
 each run (the machine's other work shows there: quote ratios or CPU seconds on a shared machine,
@@ -101,7 +101,8 @@ def stage_cpu_seconds(timings: dict, samples: list[tuple[float, float]], ended: 
     """CPU seconds of each stage: the stages ran one after another for their `timings` seconds,
     ending about when the process did (only the summary follows `total_this_run`), so each one's
     interval of the sampled CPU clock is known. On a shared machine they move less with the load
-    than wall-clock seconds do (with one thread, they are about the seconds on an idle core)."""
+    than wall-clock seconds do, but they still grow with it (cache and core sharing): compare
+    runs made at the same time (`--together`), not CPU seconds of different days."""
     if len(samples) < 2:
         return {}
     walls, cpus = [w for w, _ in samples], [c for _, c in samples]
