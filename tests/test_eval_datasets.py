@@ -330,7 +330,7 @@ def _nyu_command(tmp_path, depth_size):
     }
     assert "protocol paper" in (tmp_path / "eval" / "results.md").read_text()
     with pytest.raises(ValueError, match="protocol 'paper'"):  # synthetic rooms have no official pipeline
-        evaluate.main(["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "e2")])
+        evaluate.main(["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "e2"), "--protocol", "paper"])
     return results
 
 

@@ -82,7 +82,9 @@ def test_cpu_yaml_is_the_cpu_preset():
     preset = BenchmarkConfig.cpu_preset()
     drift = {k: (v, getattr(preset, k)) for k, v in values.items() if hasattr(preset, k) and getattr(preset, k) != v}
     assert not drift
-    paper = yaml.safe_load((CONFIGS / "evaluate_paper.yaml").read_text())  # the paper protocol = the defaults
+    # The paper recipe = the defaults, which pick the paper protocol for the paper datasets ("auto").
+    paper = yaml.safe_load((CONFIGS / "evaluate_paper.yaml").read_text())
+    assert paper.pop("protocol") == "paper" and BenchmarkConfig().protocol == "auto"
     assert {k: v for k, v in paper.items() if k in BenchmarkConfig.__dataclass_fields__} == {
         k: getattr(BenchmarkConfig(), k) for k in paper if k in BenchmarkConfig.__dataclass_fields__
     }

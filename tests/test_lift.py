@@ -545,7 +545,7 @@ def test_paper_protocol_lifts_every_view_from_every_point(tmp_path):
     loaded = FeatureGaussians.load(tmp_path / f"{scene.scene_id}.safetensors")
     assert loaded.near_plane == 0.2
     # A rerun of another normalisation must not reuse these scenes.
-    with pytest.raises(ValueError, match="normalization 'imagenet'.*normalization 'family'"):
+    with pytest.raises(ValueError, match=r"lift_config.normalization: imagenet there, family now"):
         lift_scenes([scene], tiny_backbone(), replace(config, normalization="family"), output_dir=tmp_path)
 
 

@@ -296,7 +296,6 @@ CASES = [
     Case("output-is-a-file", lift(*ROOM), r"--output_dir .*out is a file, not a folder", lambda tmp, a: (tmp / "out").write_text("x"), unwritten=(), unchanged=("out",)),
     Case("output-locked", lift(*ROOM), r"is being written by another run \(pid \d+ .*fit3d lift \(another run\)\)", live_lock, unwritten=(), unchanged=("out",)),
     # 7. empty results
-    Case("lift-init-points-0", lift(*ROOM, "--init_points", "0"), r"init_points is 0: lifting starts from at least one Gaussian"),
     Case("finetune-max-steps-0", lambda tmp, a: [*FINETUNE, "--dataset", a / "targets", "--backbone", a / "bb", "--max_steps", "0"], r"max_steps is 0; it must be at least 1"),
     Case("all-invalid-depth", lambda tmp, a: [*EVALUATE, "--model", a / "model", "--dataset", "hf", "--hf_dataset", hf_dataset(tmp / "hf", depth=0.0), "--depth_column", "depth", "--max_depth", "10"], r"no pixel of --depth_column depth is a valid depth"),
     Case("card-nan", lambda tmp, a: ["card", "--model_dir", tmp / "model", "--results", tmp / "results.json"], r"results\.json holds results that are not numbers \(fit3d: depth rmse\)", card_folder(math.nan), unwritten=(), unchanged=("model",)),
@@ -360,11 +359,12 @@ def test_a_fit3d_folder_as_backbone_is_its_fine_tuned_backbone(assets):
 
 
 def test_debug_shows_the_traceback_and_internal_errors_keep_theirs(tmp_path, monkeypatch):
-    argv = ["lift", "--output_dir", str(tmp_path / "out"), "--synthetic_rooms", "1", "--init_points", "0"]
-    with pytest.raises(UserError, match="init_points is 0"):
+    (tmp_path / "out").write_text("x")
+    argv = ["lift", "--output_dir", str(tmp_path / "out"), "--synthetic_rooms", "1"]
+    with pytest.raises(UserError, match="is a file, not a folder"):
         main([*argv, "--debug"])
     monkeypatch.setenv("FIT3D_DEBUG", "1")
-    with pytest.raises(UserError, match="init_points is 0"):
+    with pytest.raises(UserError, match="is a file, not a folder"):
         main(argv)
     monkeypatch.delenv("FIT3D_DEBUG")
 

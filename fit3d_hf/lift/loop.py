@@ -79,7 +79,6 @@ def lift_scene(
         FloatingPointError: the loss or the parameters became NaN/inf, found by the check every
             `config.check_every` steps and before each checkpoint (the last good checkpoint is kept).
     """
-    _check_config(config)
     output_dir = check_output_folder(output_dir, what="the lifting output folder")
     provenance = lift_provenance(scene, backbone, config, seed)
     started = time.perf_counter()
@@ -170,7 +169,6 @@ def lift_scenes(
     repeated = sorted(scene_id for scene_id, count in Counter(scene.scene_id for scene in scenes).items() if count > 1)
     if repeated:
         raise InputError(f"scene ids {repeated} appear more than once: every scene's artifact is named after its id")
-    _check_config(config)
     output_dir = check_output_folder(output_dir, what="the lifting output folder")
     identity = backbone_identity(backbone)
     for scene in scenes:
@@ -189,12 +187,6 @@ def lift_scenes(
             lift_scene(scene, backbone, config, output_dir=output_dir, seed=seed, progress_position=2 * process_index + 1)
             reports.append({**_finished_report(output_dir, scene.scene_id), "status": "lifted"})
     return reports
-
-
-def _check_config(config: LiftConfig) -> None:
-    """Refuse settings that would lift nothing."""
-    if config.init_points < 1:
-        raise InputError(f"init_points is {config.init_points}: lifting starts from at least one Gaussian; give init_points >= 1")
 
 
 def _check_existing(output_dir: Path, scene: Scene, provenance: dict) -> None:
