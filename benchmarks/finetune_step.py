@@ -9,9 +9,11 @@ and prints the medians and the ratio finetune / bare (target <= 1.10).
 
     python benchmarks/finetune_step.py                       # ViT-S/14 (random weights), 224x224, batch 2
     python benchmarks/finetune_step.py --height 434 --width 644 --steps 20   # ScanNet++-like grid 31x46
+    python benchmarks/finetune_step.py --height 574 --width 868 --mixed_precision bf16 --steps 3  # GPU, bf16 autocast
 """
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -64,6 +66,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--mixed_precision", choices=("no", "bf16"), default="no", help="bf16: forward under autocast (as accelerate's bf16)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,12 +90,21 @@ def main() -> None:
         fixed = backbones.normalize(torch.rand(args.batch_size, 3, height, width, device=device), config)
         generator = torch.Generator().manual_seed(0)
 
+        def autocast():
+            if args.mixed_precision == "no":
+                return contextlib.nullcontext()
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+
         def bare():
-            student(fixed).mean().backward()
+            with autocast():
+                loss = student(fixed).float().mean()
+            loss.backward()
             optimizer.zero_grad(set_to_none=True)
 
         def bare_opt():
-            student(fixed).mean().backward()
+            with autocast():
+                loss = student(fixed).float().mean()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 0.1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -100,7 +114,9 @@ def main() -> None:
         def finetune_step():
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             images, targets, masks = random_hflip(batch["images"], batch["targets"], batch["masks"], 0.5, generator)
-            loss = masked_l1(student(backbones.normalize(images.float() / 255.0, config)), targets.float(), masks.float())
+            with autocast():
+                output = student(backbones.normalize(images.float() / 255.0, config))
+            loss = masked_l1(output.float(), targets.float(), masks.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 0.1)
             optimizer.step()
@@ -118,7 +134,7 @@ def main() -> None:
     grid = (height // patch, width // patch)
     print(
         f"\n{args.preset} (random weights), {height}x{width} -> grid {grid[0]}x{grid[1]}, Cb {hidden_size}, "
-        f"batch {args.batch_size}, {device.type}"
+        f"batch {args.batch_size}, {device.type}, mixed precision {args.mixed_precision}"
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {args.threads} thread(s)")
         + f", median of {args.steps} steps\n"
     )

@@ -35,12 +35,12 @@ from fit3d_hf.pipeline import DemoConfig, run_demo
 from fit3d_hf.pipeline.config import replication_configs, stage_settings
 from fit3d_hf.pipeline.report import replication_table
 from fit3d_hf.pipeline.rerun import RECORD_FILE, prepare_run_folder, read_record
+from fit3d_hf.threads import configure_threads
 
 RESULTS = Path(__file__).parent / "results"
 SCALE = dict(
     output_dir="/tmp/fit3d-replications",
     replications=10,
-    threads=1,
     num_train_scenes=2,
     num_probe_train_scenes=2,
     num_test_scenes=1,
@@ -67,6 +67,7 @@ REUSABLE = {"scenes": ("scenes.json",), "lift": ("lifted",), "render": ("targets
 @dataclass
 class BenchmarkArguments:
     name: str = field(default="replications", metadata={"help": "Stem of the result files in benchmarks/results/."})
+    threads: int = field(default=1, metadata={"help": "torch threads of this process (fit3d_hf.threads)."})
     reuse_from: str | None = field(
         default=None,
         metadata={
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((DemoConfig, BenchmarkArguments))
     parser.set_defaults(**SCALE)
     config, args = parser.parse_args_into_dataclasses(argv)
+    configure_threads(args.threads)
     copied = reuse_stages(config, Path(args.reuse_from)) if args.reuse_from else []
     load_before, started = os.getloadavg(), time.perf_counter()
     result = run_demo(config)

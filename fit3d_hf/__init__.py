@@ -1,9 +1,14 @@
 """fit3d_hf: 3D-aware fine-tuning of 2D vision foundation models (FiT3D), Hugging Face native."""
 
-from transformers import AutoBackbone, AutoConfig, AutoModel
+from .threads import prepare_openmp
 
-from .configuration_fit3d import FiT3DConfig
-from .modeling_fit3d import FiT3DBackbone, FiT3DModel, FiT3DModelOutput
+# Before transformers loads torch: OpenMP reads its wait policy once (fit3d_hf.threads explains why).
+prepare_openmp()
+
+from transformers import AutoBackbone, AutoConfig, AutoModel  # noqa: E402
+
+from .configuration_fit3d import FiT3DConfig  # noqa: E402
+from .modeling_fit3d import FiT3DBackbone, FiT3DModel, FiT3DModelOutput  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,12 @@
+import os
+import sys
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 import yaml
 
+from fit3d_hf import threads
 from fit3d_hf.cli import COMMANDS, main
 from fit3d_hf.commands import parse_args
 
@@ -51,3 +55,28 @@ def test_every_command_has_help(name, capsys):
         main([name, "--help"])
     assert exit_info.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+def test_threads_option_of_every_command(monkeypatch, capsys):
+    """`--threads N` sets torch's intra-op threads for any command; 0 keeps the default; negative is an error."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    (args,) = parse_args((_Args,), ["--output_dir", "out", "--threads", "1"], "prog", "desc")
+    assert args.output_dir == "out" and calls == [1]
+    parse_args((_Args,), ["--output_dir", "out"], "prog", "desc")
+    assert calls == [1], "--threads 0 (the default) keeps torch's own count"
+    with pytest.raises(SystemExit):
+        parse_args((_Args,), ["--output_dir", "out", "--threads", "-2"], "prog", "desc")
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_openmp_waits_passively_unless_torch_is_loaded_or_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    threads.prepare_openmp()  # torch is loaded here: too late for OpenMP, so nothing is set
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delitem(sys.modules, "torch")
+    threads.prepare_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    threads.prepare_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

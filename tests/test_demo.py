@@ -91,7 +91,7 @@ def test_stage_settings_accumulate_along_the_stages():
     assert lift.items() <= evaluate.items() and evaluate["probe_seeds"] == [0, 1, 2]
     # Every setting that is not about where or how fast the run goes belongs to some stage.
     every = set(stage_settings(config, STAGES[-1], "backbone-a"))
-    assert every == {f.name for f in fields(DemoConfig)} - {"output_dir", "fresh", "threads"} | {"backbone_name"}
+    assert every == {f.name for f in fields(DemoConfig)} - {"output_dir", "fresh"} | {"backbone_name"}
     with pytest.raises(ValueError, match="unknown stage 'train'"):
         stage_settings(config, "train", "backbone-a")
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from fit3d_hf.backbones import build_backbone, tiny_config
 from fit3d_hf.lift import FeatureGaussians, LiftConfig, lift_scene, lift_scenes
 from fit3d_hf.lift.config import CPU_PRESET, PAPER_PRESET
+from fit3d_hf.lift.gaussians import rasterize_params
 from fit3d_hf.lift.initialization import (
     camera_extent,
     initial_parameters,
@@ -179,6 +180,28 @@ def test_structural_similarity_map():
     assert ssim_map(flat, flat + 0.1)[0, 0, 8, 8].item() == pytest.approx(expected, rel=1e-4)
 
 
+def test_structural_similarity_equals_the_full_window():
+    """The separable filter gives the 3DGS formula with its 11×11 window (zero padding), values and gradients."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 20, 27, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 3, 20, 27, dtype=torch.float64)
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    window = (torch.outer(g, g) / g.sum() ** 2).expand(3, 1, 11, 11)
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, window, padding=5, groups=3)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    expected = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    (grad_expected,) = torch.autograd.grad(expected.sum(), x)
+    got = ssim_map(x, y)
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, grad_expected, rtol=0, atol=1e-10)
+
+
 def test_initial_gaussians_from_points_and_random():
     points = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [2, 2, 2]])
     # Point 0's three nearest neighbours are all at distance 1.
@@ -218,6 +241,33 @@ def test_feature_loss_never_moves_geometry():
     for name in ("means", "quats", "scales", "opacities", "sh0", "shN"):
         grad = params[name].grad
         assert grad is None or grad.abs().max() == 0, name
+
+
+def test_feature_loss_at_lower_resolution_equals_pooling_the_full_render():
+    """The rasterizer's pooled feature pass gives the loss (and gradients) of rendering every pixel
+    and adaptive-average-pooling, which is what training did before the fused pass."""
+    scene = tiny_room()
+    config = tiny_config_for_tests(feature_downscale=2)
+    assert scene.height % 2 == 0 and scene.width % 2 == 0, "the fused pass needs sizes that divide"
+    views = load_views(scene, scene.train_views[:1], tiny_backbone(), 1)
+    params = {k: torch.nn.Parameter(v) for k, v in initial_parameters(scene.points[:500], None, 3, 16, 0.5).items()}
+    with torch.no_grad():
+        params["features"].normal_()
+    decoder = torch.nn.Parameter(torch.randn(32, 16, 3, 3) * 0.1)
+    loss, terms, _ = training_loss(params, decoder, views, 0, 3, config)
+    fused = torch.autograd.grad(terms["feature_l1"], [params["features"], decoder])
+
+    intrinsics, w2c = views.intrinsics[:1], views.world_to_camera[:1]
+    _, _, meta = rasterize_params(params, intrinsics, w2c, scene.width, scene.height, 3, config.backend)
+    size = (scene.height // 2, scene.width // 2)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(meta["features"].permute(0, 3, 1, 2), size)
+    decoded = torch.nn.functional.conv2d(pooled, decoder, padding=1)
+    target = torch.nn.functional.interpolate(views.targets[:1].float(), size=size, mode="bilinear", align_corners=False)
+    reference = (decoded - target).abs().mean()
+    assert terms["feature_l1"].item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(fused, torch.autograd.grad(reference, [params["features"], decoder])):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
 def test_masked_pixels_count_in_no_loss():

@@ -132,16 +132,18 @@ def test_matches_bruteforce_values_and_gradients(seed, n_cameras):
 
 
 @pytest.mark.parametrize(
-    "tile_size,block,max_elements,min_step",
-    [(8, 4, 4 * 64 * 2, 0), (16, 7, 1, 0), (8, 2, 1 << 22, 1 << 20), (4, 64, 1 << 22, 0)],
+    "tile_size,block,max_elements,min_step,max_saved",
+    [(8, 4, 4 * 64 * 2, 0, 0), (16, 7, 1, 0, 1 << 23), (8, 2, 1 << 22, 1 << 20, 3000), (4, 64, 1 << 22, 0, 1 << 23)],
 )
-def test_tiles_blocks_chunks_and_early_termination(tile_size, block, max_elements, min_step, monkeypatch):
+def test_tiles_blocks_chunks_and_early_termination(tile_size, block, max_elements, min_step, max_saved, monkeypatch):
     """Long tile lists split over several blocks (fixed or growing) and tile chunks; opaque layers
-    end pixels early; the result does not depend on the tile size."""
+    end pixels early; the backward pass reuses the forward pass's blocks or recomputes them (when
+    more than `max_saved` values); the result does not depend on the tile size."""
     monkeypatch.setattr(_torch_backend, "TILE_SIZE", tile_size)
     monkeypatch.setattr(_torch_backend, "BLOCK", block)
     monkeypatch.setattr(_torch_backend, "MAX_BLOCK_ELEMENTS", max_elements)
     monkeypatch.setattr(_torch_backend, "MIN_STEP_ELEMENTS", min_step)
+    monkeypatch.setattr(_torch_backend, "MAX_SAVED_ELEMENTS", max_saved)
     scene = make_scene(n=90, n_cameras=2, seed=6, opacity_range=(0.8, 1.0))
     bg = torch.full((2, 3), 0.3, dtype=torch.float64)
     params = leaves(scene[0], scene[1], 2 * scene[2], *scene[3:5])
@@ -155,6 +157,45 @@ def test_tiles_blocks_chunks_and_early_termination(tile_size, block, max_element
     ref = torch.autograd.grad(r_ref.square().sum() + a_ref.sum(), params)
     for g, g_ref in zip(ours, ref):
         torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-6)
+
+
+def test_tile_lists_hold_exactly_the_gaussians_that_reach_a_pixel():
+    """A tile's list holds every pair whose alpha reaches 1/255 at one of its pixel centres (the
+    bounding-box tiles it misses are dropped), front to back."""
+    means, quats, scales, opacities, _, viewmats, Ks = make_scene(n=200, n_cameras=2, seed=8)
+    scales = scales * torch.tensor([2.5, 0.3, 1.0], dtype=torch.float64)  # elongated: boxes wider than ellipses
+    proj = _torch_backend.project(means, quats, scales, opacities, viewmats, Ks, W, H, 0.01, 1e10, 0.3)
+    ts = 4
+    plan = _torch_backend.bin_to_tiles(proj, 2, W, H, ts)
+    tiles_x, tiles_y = plan.tiles_x, plan.tiles_y
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5, indexing="ij")
+    d = torch.stack([xs, ys], -1)[None] - proj.means2d.detach()[:, None, None, :]  # [M, H, W, 2]
+    a, b, c = proj.conics.detach().unbind(-1)
+    sigma = (
+        0.5 * (a[:, None, None] * d[..., 0] ** 2 + c[:, None, None] * d[..., 1] ** 2) + b[:, None, None] * d[..., 0] * d[..., 1]
+    )
+    alpha = proj.opacities.detach()[:, None, None] * torch.exp(-sigma)
+    pad = torch.nn.functional.pad(alpha, (0, tiles_x * ts - W, 0, tiles_y * ts - H))
+    peak = pad.reshape(-1, tiles_y, ts, tiles_x, ts).amax(dim=(2, 4))  # [M, ty, tx]
+    reaches, nearly = peak >= 1 / 255, peak >= 0.99 / 255  # pairs at the threshold may be listed
+    radii = proj.radii.double()
+    in_box = []
+    for m in range(len(proj.depths)):
+        x0, x1 = proj.means2d[m, 0] - radii[m, 0], proj.means2d[m, 0] + radii[m, 0]
+        y0, y1 = proj.means2d[m, 1] - radii[m, 1], proj.means2d[m, 1] + radii[m, 1]
+        tx, ty = torch.arange(tiles_x) * ts, torch.arange(tiles_y) * ts
+        in_box.append(((ty[:, None] + ts > y0) & (ty[:, None] < y1)) & ((tx[None] + ts > x0) & (tx[None] < x1)))
+    expected, allowed = reaches & torch.stack(in_box), nearly & torch.stack(in_box)
+    for tile in range(plan.lengths.numel()):
+        camera, t = divmod(tile, tiles_x * tiles_y)
+        listed = plan.entries[plan.starts[tile] : plan.starts[tile] + plan.lengths[tile]]
+        assert (proj.camera_ids[listed] == camera).all()
+        assert (proj.depths[listed].diff() >= 0).all(), "front to back"
+        in_camera = proj.camera_ids == camera
+        wanted = (in_camera & expected[:, t // tiles_x, t % tiles_x]).nonzero().squeeze(1)
+        may = (in_camera & allowed[:, t // tiles_x, t % tiles_x]).nonzero().squeeze(1)
+        assert set(wanted.tolist()) <= set(listed.tolist()) <= set(may.tolist()), f"tile {tile}"
+    assert (torch.stack(in_box) & ~reaches).sum() > 50, "the scene should have box tiles that the ellipses miss"
 
 
 def test_float32_close_to_float64():
@@ -272,6 +313,29 @@ def test_alpha_clamp_and_early_termination():
     torch.testing.assert_close(a[0, H // 2, W // 2, 0].item(), 0.999)
 
 
+@pytest.mark.parametrize("max_saved", [0, 1 << 23])
+def test_clamped_alpha_passes_no_gradient(max_saved, monkeypatch):
+    """Gaussians of opacity above 0.999 blend at 0.999 near their centre, where their opacity and
+    shape get no gradient, with the forward pass's blocks kept or recomputed."""
+    monkeypatch.setattr(_torch_backend, "MAX_SAVED_ELEMENTS", max_saved)
+    m1, q, s, _, viewmats, Ks = one_gaussian(scale=0.3)
+    front, back = [0.1, -0.05, 0.0], [-0.2, 0.1, 0.6]  # two overlapping opaque Gaussians
+    means = m1 + torch.tensor([front, back], dtype=torch.float64)
+    colors = torch.tensor([[1.0, 0.2, 0.0], [0.0, 0.5, 1.0]], dtype=torch.float64)
+    opacities = torch.tensor([1.0, 0.9995], dtype=torch.float64)
+    params = leaves(
+        means, q.repeat(2, 1), s.repeat(2, 1) * torch.tensor([[1.0, 0.7, 1.0]], dtype=torch.float64), opacities, colors
+    )
+    r, a, _ = rasterize(*params, viewmats, Ks, W, H, backend="torch")
+    r_ref, a_ref, _ = reference(*params, viewmats, Ks, W, H)
+    assert (a >= 0.999).any(), "the front Gaussian should be clamped at 0.999 at its centre"
+    torch.testing.assert_close(r, r_ref, atol=1e-10, rtol=1e-9)
+    ours = torch.autograd.grad(r.square().sum() + a.sum(), params)
+    ref = torch.autograd.grad(r_ref.square().sum() + a_ref.sum(), params)
+    for g, g_ref in zip(ours, ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-6)
+
+
 def test_gaussian_behind_camera_and_empty_scene():
     means, quats, scales, opacities, viewmats, Ks = one_gaussian(depth=-2.0)
     means, colors = leaves(means, torch.ones(1, 3, dtype=torch.float64))
@@ -346,6 +410,32 @@ def test_feature_pass_reuses_weights_and_never_moves_geometry(f):
     rgb_only = torch.autograd.grad(r.sum() + a.sum(), geometry)
     for g, g_rgb in zip(both, rgb_only):
         torch.testing.assert_close(g, g_rgb, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("s,width,height", [(2, W, H), (4, W, H), (3, 27, 21)])
+def test_features_averaged_over_pixel_blocks(s, width, height):
+    """features_downscale=s gives the full feature render averaged over s×s blocks, with its
+    gradients for the features alone, and leaves colours and alphas as they are."""
+    scene = make_scene(n=40, n_cameras=2, seed=21)
+    feats = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    means, quats, scales, opacities, colors, features = leaves(*scene[:5], feats)
+    geometry = [means, quats, scales, opacities]
+    r, a, meta = rasterize(*geometry, colors, *scene[5:], width, height, features=features, features_downscale=s, backend="torch")
+    r_full, a_full, meta_full = rasterize(*geometry, colors, *scene[5:], width, height, features=features, backend="torch")
+    _, _, f_ref = reference(*geometry, colors, *scene[5:], width, height, features=features)
+    pooled_ref = torch.nn.functional.adaptive_avg_pool2d(f_ref.permute(0, 3, 1, 2), (height // s, width // s)).permute(0, 2, 3, 1)
+    assert meta["features"].shape == (2, height // s, width // s, 5)
+    assert pooled_ref.abs().max() > 0.1, "the features should cover part of the image"
+    torch.testing.assert_close(meta["features"], pooled_ref, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(r, r_full, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a, a_full, atol=1e-12, rtol=0)
+    target = torch.randn_like(meta["features"])
+    grads = torch.autograd.grad((meta["features"] - target).abs().sum(), geometry + [colors, features], allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in grads[:5]), "a feature loss must not reach geometry or colours"
+    (g_ref,) = torch.autograd.grad((pooled_ref - target).abs().sum(), features)
+    torch.testing.assert_close(grads[5], g_ref, atol=1e-9, rtol=1e-7)
+    with pytest.raises(ValueError, match="features_downscale"):
+        rasterize(*geometry, colors, *scene[5:], width + 1, height, features=features, features_downscale=s, backend="torch")
 
 
 def test_default_strategy_runs_on_torch_backend():

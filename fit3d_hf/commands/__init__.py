@@ -1,7 +1,8 @@
 """Command-line layer: argument dataclasses parsed with `transformers.HfArgumentParser`.
 
 The library modules never parse arguments; these commands (and `recipes/*.py`, which call
-them) do. Every command accepts `--config FILE.yaml` with flags overriding the file.
+them) do. Every command accepts `--config FILE.yaml` with flags overriding the file, and
+`--threads N` (`fit3d_hf.threads`, applied before the command runs).
 """
 
 import argparse
@@ -11,6 +12,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from fit3d_hf.threads import THREADS_HELP, configure_threads
+
 
 def parse_args(
     dataclass_types: tuple[type, ...],
@@ -19,7 +22,7 @@ def parse_args(
     description: str,
     protocols: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[Any, ...]:
-    """Parse `argv` into instances of `dataclass_types`.
+    """Parse `argv` into instances of `dataclass_types` and apply `--threads` (`fit3d_hf.threads`).
 
     `--protocol NAME` (when the command has `protocols`: name -> field values, e.g. "paper") sets
     defaults; `--config FILE.yaml` (a flat mapping of field names) overrides them; flags given on
@@ -32,6 +35,7 @@ def parse_args(
         dataclass_types, prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=None, help="YAML file of arguments; flags override it.")
+    parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     if protocols:
         parser.add_argument(
             "--protocol",
@@ -70,7 +74,11 @@ def parse_args(
         outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
     except ValueError as error:  # a dataclass's own check of the values (e.g. LiftConfig's)
         parser.error(str(error))
-    # The extra `--config` (and `--protocol`) options come back as a Namespace: drop it.
+    # The extra options (`--config`, `--threads`, `--protocol`) come back as a Namespace.
+    (extra,) = [o for o in outputs if isinstance(o, argparse.Namespace)]
+    if extra.threads < 0:
+        parser.error(f"--threads must be >= 0, got {extra.threads}")
+    configure_threads(extra.threads)
     return tuple(o for o in outputs if not isinstance(o, argparse.Namespace))
 
 

@@ -24,17 +24,12 @@ class AppArguments:
         default=None,
         metadata={"help": "Default long side (px) of the views fed to the model (default: its native size, at most 448)."},
     )
-    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default, all cores)."})
 
 
 def main(argv: list[str] | None = None):
     (args,) = parse_args((AppArguments,), argv, prog="fit3d app", description=DESCRIPTION)
-    import torch
-
     from fit3d_hf.app import build_app, load_fit3d_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         model = load_fit3d_model(args.model)
         app = build_app(model, long_side=args.long_side)

@@ -2,8 +2,6 @@
 
 from dataclasses import dataclass, field
 
-import torch
-
 from fit3d_hf.commands import parse_args
 from fit3d_hf.embedded import EMBEDDED_BACKBONE_DIR, EmbeddedPretrainConfig, pretrain_embedded_backbone, save_embedded_backbone
 
@@ -20,15 +18,12 @@ class EmbeddedArguments:
     output: str = field(
         default=str(EMBEDDED_BACKBONE_DIR), metadata={"help": "Folder to write the backbone into (replaced atomically)."}
     )
-    threads: int = field(default=0, metadata={"help": "torch threads (0 = torch's default)."})
 
 
 def main(argv: list[str] | None = None) -> None:
     args, config = parse_args(
         (EmbeddedArguments, EmbeddedPretrainConfig), argv, prog="fit3d pretrain_embedded", description=DESCRIPTION
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = pretrain_embedded_backbone(config)
     path = save_embedded_backbone(result, config, args.output)
     size_mb = (path / "model.safetensors").stat().st_size / 1e6

@@ -142,6 +142,7 @@ def rasterize_params(
     height: int,
     sh_degree: int,
     backend: str,
+    features_downscale: int = 1,
     check_finite: bool = True,
     near_plane: float = DEFAULT_NEAR_PLANE,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -151,7 +152,8 @@ def rasterize_params(
     Gaussians nearer than `near_plane` (camera depth) are culled.
 
     Returns:
-        `rasterize`'s (renders `[V, H, W, 3]`, alphas `[V, H, W, 1]`, meta with features `[V, H, W, D]`).
+        `rasterize`'s (renders `[V, H, W, 3]`, alphas `[V, H, W, 1]`, meta with features `[V, H / s, W / s, D]`,
+        averaged over s × s pixel blocks for s = `features_downscale`).
     """
     coefficients = params["sh0"] if "shN" not in params else torch.cat([params["sh0"], params["shN"]], dim=1)
     return rasterize(
@@ -166,6 +168,7 @@ def rasterize_params(
         height,
         sh_degree=sh_degree,
         features=params["features"],
+        features_downscale=features_downscale,
         backend=backend,
         check_finite=check_finite,
         near_plane=near_plane,

@@ -44,6 +44,10 @@ def training_loss(
     image = views.images[row : row + 1].to(device, torch.float32)
     height, width = image.shape[-2:]
     mask = None if views.masks is None else views.masks[row : row + 1].to(device)
+    downscale = config.feature_downscale
+    # Where the size divides, the rasterizer averages the features over downscale² blocks itself
+    # (that many times less work than rendering every pixel); otherwise adaptive pooling below.
+    fused = height % downscale == 0 and width % downscale == 0
     renders, _, meta = rasterize_params(
         params,
         views.intrinsics[row : row + 1].to(device),
@@ -55,15 +59,17 @@ def training_loss(
         # The lifting loop checks the parameters every `config.check_every` steps instead of every call.
         check_finite=False,
         near_plane=config.near_plane,
+        features_downscale=downscale if fused else 1,
     )
     rgb = renders.permute(0, 3, 1, 2)
     l1 = masked_mean((rgb - image).abs(), mask)
     ssim = masked_mean(ssim_map(rgb, image), mask)
     features = meta["features"].permute(0, 3, 1, 2)
     mask_small = mask
-    if config.feature_downscale > 1:
-        size = (max(1, height // config.feature_downscale), max(1, width // config.feature_downscale))
-        features = F.adaptive_avg_pool2d(features, size)
+    if downscale > 1:
+        size = (max(1, height // downscale), max(1, width // downscale))
+        if not fused:
+            features = F.adaptive_avg_pool2d(features, size)
         mask_small = None if mask is None else F.interpolate(mask, size=size, mode="nearest")
     decoded = F.conv2d(features, decoder_weight, padding=1)
     target = F.interpolate(

@@ -146,7 +146,10 @@ def remove_checkpoints(directory: str | os.PathLike) -> None:
 def _optimizers(
     params: dict[str, torch.nn.Parameter], decoder_weight: torch.nn.Parameter, config: LiftConfig, extent: float
 ) -> tuple[dict[str, torch.optim.Adam], torch.optim.Adam]:
-    """One Adam per parameter (gsplat's strategies require it), eps 1e-15 as the official code."""
+    """One Adam per parameter (gsplat's strategies require it), eps 1e-15 as the official code.
+
+    Fused: one kernel per parameter instead of a dozen ops, a third of the optimizer time of a CPU step.
+    """
     lrs = {
         "means": config.lr_means * extent,
         "quats": config.lr_quats,
@@ -156,8 +159,8 @@ def _optimizers(
         "shN": config.lr_shN,
         "features": config.lr_features,
     }
-    optimizers = {name: torch.optim.Adam([param], lr=lrs[name], eps=1e-15) for name, param in params.items()}
-    return optimizers, torch.optim.Adam([decoder_weight], lr=config.lr_decoder, eps=1e-15)
+    optimizers = {name: torch.optim.Adam([param], lr=lrs[name], eps=1e-15, fused=True) for name, param in params.items()}
+    return optimizers, torch.optim.Adam([decoder_weight], lr=config.lr_decoder, eps=1e-15, fused=True)
 
 
 def lift_provenance(scene, backbone: torch.nn.Module, config: LiftConfig, seed: int, identity: dict | None = None) -> dict:

@@ -9,7 +9,7 @@ from fit3d_hf.errors import InputError
 STAGES = ("scenes", "lift", "render", "finetune", "evaluate", "pictures", "replicate", "card", "summary")
 # Every replication runs scenes..evaluate in its own folder; pictures..summary run once, in the run folder.
 # The settings each stage adds to those of the stages before it; a stage's artifact depends on its
-# own and every earlier stage's (`stage_settings`). output_dir, fresh and threads change no artifact.
+# own and every earlier stage's (`stage_settings`). output_dir and fresh change no artifact.
 STAGE_SETTINGS = {
     "scenes": (
         "num_train_scenes",
@@ -89,7 +89,6 @@ class DemoConfig:
         },
     )
     fresh: bool = field(default=False, metadata={"help": "Delete the run folder's previous results and start over."})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default, all cores)."})
 
 
 def stage_settings(config: DemoConfig, stage: str, backbone_name: str) -> dict[str, Any]:

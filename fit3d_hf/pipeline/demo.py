@@ -312,16 +312,14 @@ def run_demo(config: DemoConfig) -> DemoResult:
     Each of `config.replications` replications runs the stages up to evaluate in its own folder
     (replication 0 in the run folder, replication k in replications/k: `config.replication_config`);
     then the pictures (of replication 0), the verdicts across replications, the card and the summary
-    run once. Sets torch's thread count when `config.threads` is given. A finished stage is skipped
-    (so is a finished replication), an interrupted one resumes, and a stage made with other settings
-    is refused (`rerun` module).
+    run once. A finished stage is skipped (so is a finished replication), an interrupted one
+    resumes, and a stage made with other settings is refused (`rerun` module). Threads follow
+    `fit3d_hf.threads` (`fit3d demo --threads N`, or `fit3d_hf.threads.configure_threads(N)` from Python).
 
     Raises:
         DemoError: overlapping room seeds, a run folder that is not the demo's or holds other
             settings, or targets too sparse to fine-tune on.
     """
-    if config.threads:
-        torch.set_num_threads(config.threads)
     started = time.perf_counter()
     configs = replication_configs(config)  # refuses overlapping seeds before anything is written
     run_dir = prepare_run_folder(config)

@@ -4,10 +4,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from fit3d_hf.evaluation.replication import TEST, replicate
 from fit3d_hf.evaluation.report import compare
+from fit3d_hf.threads import describe_threads
 
 from .config import DemoConfig
 
@@ -148,7 +147,7 @@ def summary_markdown(
             f"Backbone: **{backbone_name}**. {n} replication(s), each with its own rooms and fine-tuning seed: fine-tuned on "
             f"{config.num_train_scenes} rooms; probes trained on {config.num_probe_train_scenes} other rooms and tested on "
             f"{config.num_test_scenes} unseen rooms; {len(config.probe_seeds)} probe seeds. Wall time of this run: {seconds:.0f} s "
-            f"({torch.get_num_threads()} threads; stages that were already done are skipped and not counted).",
+            f"({describe_threads()}; stages that were already done are skipped and not counted).",
             "",
             f"Replication 0 (rooms from seed {config.scene_seed}, probe rooms from {config.probe_scene_seed}, seed {config.seed}):",
             "",

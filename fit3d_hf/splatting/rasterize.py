@@ -32,6 +32,7 @@ def rasterize(
     eps2d: float = 0.3,
     render_mode: str = "RGB",
     features: Tensor | None = None,
+    features_downscale: int = 1,
     backend: str = "auto",
     check_finite: bool = True,
 ) -> tuple[Tensor, Tensor, dict]:
@@ -65,6 +66,10 @@ def rasterize(
             the colours; gsplat in a second pass over the colour pass's tile lists, with detached
             geometry. Any width F (and D): gsplat renders them in chunks its backward kernel can
             run on the GPU (`gsplat_backend.channel_chunk`).
+        features_downscale: `meta["features"]` averaged over blocks of this many pixels squared,
+            `[C, H / s, W / s, F]` (width and height must be multiples): what a feature loss at
+            lower resolution needs. The torch backend composites the averages directly, s² times
+            less work than rendering every pixel and pooling.
         backend: "torch" (pure PyTorch, any device), "gsplat" (CUDA float32 tensors, gsplat's CUDA
             extension) or "auto": gsplat when it can take the inputs, torch otherwise
             (`resolve_backend`); `meta["backend"]` says which ran.
@@ -79,7 +84,8 @@ def rasterize(
             as DefaultStrategy.step_pre_backward does; then `.grad` holds image-plane gradients),
             `radii` `[C, N, 2]` int32 bounding-box half sizes (0 = not visible in that camera),
             `depths` `[C, N]`, `gaussian_ids` None (unpacked), `width`, `height`, `n_cameras`,
-            `backend` ("torch" or "gsplat"), and `features` `[C, H, W, F]` when features are given.
+            `backend` ("torch" or "gsplat"), and `features` `[C, H / s, W / s, F]` when features
+            are given (s = features_downscale).
 
     Raises:
         ValueError / TypeError naming the offending argument for wrong shapes, dtypes, devices,
@@ -101,6 +107,13 @@ def rasterize(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
         near_plane, far_plane, eps2d, render_mode, features, check_finite,
     )  # fmt: skip
+    if isinstance(features_downscale, bool) or not isinstance(features_downscale, int) or features_downscale < 1:
+        raise ValueError(f"features_downscale must be a positive int, got {features_downscale!r}")
+    if width % features_downscale or height % features_downscale:
+        raise ValueError(
+            f"features_downscale={features_downscale} must divide width={width} and height={height} "
+            "(pool a full-size feature render with adaptive pooling otherwise)"
+        )
     kwargs = dict(
         sh_degree=sh_degree,
         backgrounds=backgrounds,
@@ -111,8 +124,14 @@ def rasterize(
         features=features,
     )
     if backend == "gsplat":
-        return rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
-    return rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+        renders, alphas, meta = rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+        if features is not None and features_downscale > 1:
+            pooled = torch.nn.functional.avg_pool2d(meta["features"].permute(0, 3, 1, 2), features_downscale)
+            meta["features"] = pooled.permute(0, 2, 3, 1)
+        return renders, alphas, meta
+    return rasterize_torch(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, features_downscale=features_downscale, **kwargs
+    )
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
