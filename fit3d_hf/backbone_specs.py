@@ -13,6 +13,8 @@ Random weights are drawn from `seed`, so every process and every stage given the
 seed builds the same backbone. The name returned is recorded in every artifact made with it.
 """
 
+import os
+
 import torch
 from transformers import PreTrainedModel
 
@@ -57,3 +59,9 @@ def load_backbone_spec(spec: str, seed: int = 0) -> tuple[PreTrainedModel, str]:
 def backbone_name(model: PreTrainedModel) -> str:
     """The name recorded in artifacts for `model`: what `load_backbone_spec` named it, else its model type."""
     return getattr(model.config, "_name_or_path", "") or model.config.model_type
+
+
+def hub_id_of(spec: str) -> str | None:
+    """The Hub model id a spec (or a recorded name) names, e.g. for a card's `base_model`; None for a
+    local folder, a built-in spec ('embedded', 'tiny:...', 'random:...') or an empty name."""
+    return spec if spec.count("/") == 1 and ":" not in spec and " " not in spec and not os.path.exists(spec) else None

@@ -55,16 +55,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from datasets import load_from_disk
 from safetensors.torch import load_file, save_file
 
 from .. import __version__, backbones
-from ..backbone_specs import load_backbone_spec
+from ..backbone_specs import hub_id_of, load_backbone_spec
 from ..io import atomic_write, atomic_write_json
 from ..modeling_fit3d import FiT3DModel
 from ..scenes import load_scene, synthetic
 from .correspondence import correspondence_recall, view_pairs
-from .data import PAPER_DATASETS, EvalDataset, from_hf_dataset, from_scenes, load_eval_dataset
+from .data import PAPER_DATASETS, EvalDataset, from_hf_dataset, from_scenes, load_eval_dataset, load_hf_splits
 from .features import FEATURES_RULE, FeatureSource, extract_source_features, source_features, source_models, source_patch_size
 from .heads import DEPTH_LOSSES, SEGMENTATION_LOSSES
 from .metrics import DEPTH_HIGHER_IS_BETTER, DEPTH_KEYS, DepthMetrics, MeanIoU
@@ -514,7 +513,7 @@ def run_benchmark(
     bad_roles = {n: r for n, r in roles.items() if n not in sources or r not in ("baseline", "fit3d", "control")}
     if bad_roles:
         raise ValueError(f"bad roles {bad_roles}: names must be sources {names}, roles baseline/fit3d/control")
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or Accelerator()
     cache = Path(config.cache_dir) if config.cache_dir else None
     probe_tasks = [t for t in ("segmentation", "depth") if t in config.tasks and t in train_data.tasks and t in test_data.tasks]
     if "segmentation" in probe_tasks and train_data.num_labels != test_data.num_labels:
@@ -764,7 +763,11 @@ class EvaluationArguments:
     controls: bool = field(default=True, metadata={"help": "Add finetuned_only and concat_random controls."})
     control_seed: int = field(default=1234, metadata={"help": "Seed of the random-init backbone of concat_random."})
     dataset: str = field(
-        default="synthetic", metadata={"help": "synthetic, scannetpp, scannet, nyuv2, ade20k, voc2012, kitti, or hf."}
+        default="synthetic",
+        metadata={
+            "help": "synthetic, scannetpp, scannet, nyuv2, ade20k, voc2012, kitti, hf (--hf_dataset), or a Hub dataset id "
+            "(namespace/name, read with datasets.load_dataset; the hf_* and column options apply)."
+        },
     )
     data_root: str | None = field(default=None, metadata={"help": "Root of a paper dataset in its standard layout."})
     num_train_scenes: int = field(default=6, metadata={"help": "synthetic: rooms the probes train on."})
@@ -781,7 +784,10 @@ class EvaluationArguments:
             "help": "Scene folders with depth (`fit3d_hf.scenes.load_scene`) on which to measure correspondence recall too."
         },
     )
-    hf_dataset: str | None = field(default=None, metadata={"help": "hf: a folder written by Dataset/DatasetDict.save_to_disk."})
+    hf_dataset: str | None = field(
+        default=None,
+        metadata={"help": "hf: a folder written by DatasetDict.save_to_disk, a folder of data files, or a Hub dataset id."},
+    )
     hf_train_split: str = field(default="train", metadata={"help": "hf: training split."})
     hf_test_split: str = field(default="test", metadata={"help": "hf: test split."})
     image_column: str = field(default="image", metadata={"help": "hf: image column."})
@@ -834,21 +840,24 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
 
     Builds the sources (`build_sources`), loads the data `args.dataset` names — procedural rooms
     (probes train on `num_train_scenes` rooms and are tested on `num_test_scenes` unseen ones,
-    where correspondence is measured too), a `datasets` folder (`hf`), or a paper dataset under
+    where correspondence is measured too), a `datasets` dataset (a Hub id, or `hf` with a folder or Hub id; `load_hf_splits`), or a paper dataset under
     `data_root`, benchmarked task by task and merged into one results dict — runs `run_benchmark`
     on one accelerator, writes `<output_dir>/results.json` and `results.md` (main process) and
     returns the results dict (see `evaluation.report`). Finished probe runs (and, with the
     `fixed` protocol, extracted features) are cached in `config.cache_dir` (default
     `<output_dir>/cache`), so a rerun resumes. `config.protocol` "paper" runs each paper
-    dataset's official pipelines; synthetic rooms and `hf` datasets have none and need "fixed";
+    dataset's official pipelines; synthetic rooms and `datasets` datasets have none and need "fixed";
     "auto" (the default) chooses between the two by the dataset.
     """
     if args.dataset == "hf" and args.hf_dataset is None:
-        raise ValueError("EvaluationArguments: dataset 'hf' needs hf_dataset (a folder written by save_to_disk)")
-    paper = args.dataset not in ("synthetic", "hf")
+        raise ValueError("EvaluationArguments: dataset 'hf' needs hf_dataset (a save_to_disk folder, a data folder or a Hub id)")
+    # `datasets` data: --dataset hf --hf_dataset X, or --dataset <Hub id>
+    hf_source = args.hf_dataset if args.dataset == "hf" else hub_id_of(args.dataset)
+    paper = args.dataset != "synthetic" and hf_source is None
     if paper and args.dataset not in PAPER_DATASETS:
         raise ValueError(
-            f"EvaluationArguments: unknown dataset {args.dataset!r}; known: synthetic, hf, {', '.join(PAPER_DATASETS)}"
+            f"EvaluationArguments: unknown dataset {args.dataset!r}; known: synthetic, hf, {', '.join(PAPER_DATASETS)}, "
+            "or a Hub dataset id (namespace/name)"
         )
     if paper and args.data_root is None:
         raise ValueError(f"EvaluationArguments: dataset {args.dataset!r} needs data_root")
@@ -862,7 +871,7 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
     if config.cache_dir is None:
         config = replace(config, cache_dir=os.path.join(args.output_dir, "cache"))
     sources, roles, descriptions = build_sources(args)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator()  # the device accelerate's config or detection chooses
     kwargs = dict(roles=roles, descriptions=descriptions, accelerator=accelerator)
     loaded = [load_scene(path) for path in args.correspondence_scenes]
     if loaded:
@@ -873,8 +882,8 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
         test = synthetic.make_rooms(args.num_test_scenes, seed=args.scene_seed + args.num_train_scenes, **size)
         kwargs["correspondence_scenes"] = test + loaded
         results = benchmark_on_scenes(sources, train, test, config, **kwargs)
-    elif args.dataset == "hf":
-        data = load_from_disk(args.hf_dataset)
+    elif hf_source is not None:
+        data = load_hf_splits(hf_source)
         columns = dict(
             image_column=args.image_column,
             semantics_column=args.semantics_column,
@@ -883,7 +892,8 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
             max_depth=args.max_depth,
             depth_scale=args.depth_scale,
         )
-        name = os.path.basename(os.path.normpath(args.hf_dataset))
+        # A Hub id names the results rows, so that cards link them to the dataset.
+        name = hub_id_of(hf_source) or os.path.basename(os.path.normpath(hf_source))
         train = from_hf_dataset(data[args.hf_train_split], name=name, **columns)
         test = from_hf_dataset(data[args.hf_test_split], name=name, **columns)
         results = run_benchmark(sources, train, test, config, **kwargs)
