@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         (LiftArguments, LiftConfig, SceneArguments), argv, prog="fit3d lift", description=__doc__
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator()  # the device accelerate's config (accelerate launch) or detection chooses
     scenes = scenes_of(scene_args)
     if not scenes:
         sys.exit("fit3d lift: no scenes given: pass --scenes FOLDER ... and/or --synthetic_rooms N")
