@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -15,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fit3d_hf import backbones
+from fit3d_hf import backbones, viz
 from fit3d_hf.io import atomic_directory, atomic_write_json, remove_stale_temporaries, temporary_path
 from fit3d_hf.lift import FeatureGaussians
 
 from .load import load_targets
-from .schema import FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, bytes_per_view, schema
+from .schema import FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, PREVIEW_MIN_LONG_SIDE, bytes_per_view, schema
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,31 @@ def gaussian_blur(feature_maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out
 
 
+def target_preview(target: torch.Tensor, valid: torch.Tensor) -> PIL.Image.Image:
+    """The preview column's picture of one target [Cb, h, w]: its valid cells' first three principal
+    components as RGB (`viz.pca_rgb`, fitted on this view alone), black where `valid` [h, w] is False,
+    each cell enlarged to a block so that the long side is at least `PREVIEW_MIN_LONG_SIDE` pixels."""
+    target, valid = target.float().cpu(), valid.cpu()
+    channels, height, width = target.shape
+    rgb = torch.zeros(3, height, width)
+    if valid.sum() >= 3:  # three components need three vectors; a view with fewer stays black
+        vectors = target.permute(1, 2, 0)[valid]  # [n, Cb]
+        rgb[:, valid] = viz.pca_rgb(vectors.T.reshape(1, channels, -1, 1))[0, :, :, 0]
+    scale = math.ceil(PREVIEW_MIN_LONG_SIDE / max(height, width))
+    pixels = (rgb * 255).round().to(torch.uint8).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    return PIL.Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def scene_source_kind(scene) -> str:
+    """Where a scene's images come from, as far as licences go: "scannetpp" (FiT3D's ScanNet++ layout,
+    whose terms restrict redistribution), "synthetic" (the package's procedural rooms) or "capture"
+    (any other folder or dataset). Recorded per kind in the metadata (never the paths), for the dataset card."""
+    source = str(scene.source)
+    if source.endswith("transforms_train.json"):
+        return "scannetpp"
+    return "synthetic" if source.startswith("synthetic room") else "capture"
+
+
 def _settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -87,6 +113,7 @@ def _view_rows(
             "view_id": int(view),
             "intrinsics": intrinsics.float().cpu().numpy(),
             "world_to_camera": scene.world_to_camera[view].float().cpu().numpy(),
+            "preview": target_preview(target, valid),
         }
 
 
@@ -157,6 +184,8 @@ def render_targets(
         "blur_sigma": blur_sigma if target_source == "single_view_blur" else None,
         "views": views,
         "backbone": json.loads(config.to_json_string()),
+        # Parts written by a version with other columns cannot be concatenated with new ones.
+        "columns": list(schema(1, 1, 1)),
     }
     settings_file = parts_dir / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text())["hash"] != _settings_hash(settings):
@@ -164,12 +193,15 @@ def render_targets(
     atomic_write_json(settings_file, {"hash": _settings_hash(settings)}, indent=None)
 
     scene_ids: list[str] = []
+    scene_sources: dict[str, int] = {}
     feature_dims: dict[str, int] = {}
     grid = None
     for scene in tqdm(scenes, desc="render targets", unit="scene"):
         if scene.scene_id in scene_ids:
             raise ValueError(f"scene_id {scene.scene_id!r} appears twice")
         scene_ids.append(scene.scene_id)
+        kind = scene_source_kind(scene)
+        scene_sources[kind] = scene_sources.get(kind, 0) + 1
         size = tuple(image_size) if image_size else backbones.input_size(scene.height, scene.width, patch_size, rule="nearest")
         if size[0] % patch_size or size[1] % patch_size:
             raise ValueError(f"image_size {size} is not a multiple of the patch size {patch_size}")
@@ -240,6 +272,7 @@ def render_targets(
             "views": views,
         },
         "scenes": scene_ids,
+        "scene_sources": scene_sources,
         "bytes_per_view_uncompressed": bytes_per_view(hidden_size, *grid),
     }
     parts = [datasets.load_from_disk(str(parts_dir / scene_id)) for scene_id in scene_ids]
@@ -255,6 +288,7 @@ def render_targets(
             )
     metadata["valid_fraction"] = valid_fraction
     dataset = datasets.concatenate_datasets(parts)
+    metadata["num_views"] = dataset.num_rows
     dataset.info.description = json.dumps(metadata)
     with atomic_directory(output_dir) as staging:
         dataset.save_to_disk(str(staging), num_shards=num_shards)
