@@ -27,6 +27,10 @@ antialias, in float32), so features match timm's models at any multiple of the p
 prepared model compiles with `torch.compile(fullgraph=True)`; `extract_features` prepares a
 plain transformers model it meets for the first time.
 
+Inputs are normalised with the family's statistics unless the config records ImageNet's
+(`set_normalization(config, "imagenet")`, as the official FiT3D code and its converted checkpoints):
+`normalize` and `make_image_processor` read the record.
+
 A family (`FAMILIES`) is a named reference architecture of one model type: its config defaults
 besides the sizes (`deit3` is a `dinov2` model with patch 16, `mae` a `vit` one). `PRESETS` are
 sizes of the families; `tiny_config` builds test-sized ones.
@@ -35,6 +39,7 @@ This file imports only torch, transformers and the standard library: it is copie
 FiT3D models and loaded as remote code by processes that never imported `fit3d_hf`.
 """
 
+import copy
 import hashlib
 import math
 import types
@@ -377,13 +382,57 @@ def native_image_size(config: PreTrainedConfig) -> int:
     return int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size)
 
 
+# How a backbone's input is normalised, recorded on its config (`set_normalization`): "family" uses
+# the statistics the family was trained with (`BackboneAdapter.mean_std`); "imagenet" uses ImageNet's
+# for every family, as the official FiT3D code does for every backbone, CLIP included, in lifting,
+# fine-tuning and probing (so its released checkpoints were trained that way).
+NORMALIZATIONS = ("family", "imagenet")
+
+
+def normalization_of(config: PreTrainedConfig) -> str:
+    """The normalisation (one of `NORMALIZATIONS`) a backbone config or FiT3DConfig records; "family" when it records none."""
+    return getattr(_backbone_config_of(config), "fit3d_normalization", None) or "family"
+
+
+def set_normalization(config: PreTrainedConfig, normalization: str) -> None:
+    """Record on a backbone config or FiT3DConfig (in place, saved with it as `fit3d_normalization`) how its input is normalised.
+
+    `normalize`, `image_mean_std` and `make_image_processor` then use it, so every stage and a saved
+    model's image processor agree.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    config = _backbone_config_of(config)
+    if normalization == "imagenet" and adapter_of(config).mean_std == (IDENTITY_MEAN, IDENTITY_STD):
+        raise ValueError(f"{config.model_type} normalises its input inside the model: only normalization 'family' applies")
+    config.fit3d_normalization = normalization
+
+
+def with_normalization(config: PreTrainedConfig, normalization: str | None) -> PreTrainedConfig:
+    """`config` itself when `normalization` is None or what it records, else a copy that records `normalization`.
+
+    For a stage told how to normalise a backbone it does not own: the model is left unchanged.
+    """
+    if normalization is None or normalization == normalization_of(config):
+        return config
+    config = copy.deepcopy(config)
+    set_normalization(config, normalization)
+    return config
+
+
 def image_mean_std(config: PreTrainedConfig) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """The per-channel (mean, std) the family was trained with (ImageNet's, CLIP's, SigLIP's 0.5, or none for RADIO)."""
+    """The per-channel (mean, std) the backbone's input is normalised with (`normalization_of`).
+
+    "imagenet": ImageNet's. "family": the family's own (ImageNet's, CLIP's, SigLIP's 0.5, or none
+    for RADIO).
+    """
+    if normalization_of(config) == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
     return adapter_of(config).mean_std
 
 
 def normalize(images: torch.Tensor, config: PreTrainedConfig) -> torch.Tensor:
-    """Normalise images `[B, 3, H, W]` in [0, 1] into the backbone's `pixel_values` `[B, 3, H, W]`."""
+    """Normalise images `[B, 3, H, W]` in [0, 1] into the backbone's `pixel_values` `[B, 3, H, W]` (`image_mean_std`)."""
     mean, std = image_mean_std(config)
     mean = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
@@ -393,7 +442,7 @@ def normalize(images: torch.Tensor, config: PreTrainedConfig) -> torch.Tensor:
 def make_image_processor(config: PreTrainedConfig, size: int | None = None) -> DPTImageProcessorPil:
     """A stock transformers image processor for the backbone (saved with a model, loaded by AutoImageProcessor).
 
-    It rescales to [0, 1], normalises with `image_mean_std(config)` and resizes bicubically keeping the
+    It rescales to [0, 1], normalises with `image_mean_std(config)` (the recorded normalisation) and resizes bicubically keeping the
     aspect ratio, so that one side (the shorter one when shrinking) is about `size` pixels (default: the
     backbone's `native_image_size`) and both sides are multiples of the patch size.
     """
@@ -597,9 +646,12 @@ def load_backbone(path: str, **kwargs) -> PreTrainedModel:
     model_class = _model_class(adapter)
     model, info = model_class.from_pretrained(path, output_loading_info=True, **{**adapter.build_config, **kwargs})
     if info["missing_keys"]:
+        # transformers would fill them with random values and only log a warning
         missing = sorted(info["missing_keys"])
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(
-            f"{path}: the checkpoint leaves {len(missing)} weights of {model_class.__name__} unfilled, e.g. {missing[:5]}"
+            f"{path}: its checkpoint lacks {len(missing)} weight(s) of the model ({shown}); transformers would fill "
+            f"them with random values. Pass a folder whose weights match its config.json ({model_class.__name__})"
         )
     return prepare_backbone(model)
 

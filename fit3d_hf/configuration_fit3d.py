@@ -20,7 +20,10 @@ class FiT3DConfig(BackboneConfigMixin, PreTrainedConfig):
             Config of both backbones: a `Dinov2Config` (families `dinov2`, `deit3`), a
             `Dinov2WithRegistersConfig` (`dinov2_reg`), a `CLIPVisionConfig` (`clip`) or a `ViTConfig`
             (`mae`); build one with `fit3d_hf.backbones.backbone_config` / `preset_config`. Defaults to
-            DINOv2 ViT-S/14.
+            DINOv2 ViT-S/14. Its `fit3d_normalization` records the input normalisation both backbones
+            were trained with (`backbones.set_normalization`): `"imagenet"` (ImageNet mean/std for every
+            family, as the official FiT3D code; converted official checkpoints) or `"family"` (the
+            family's own statistics, the default); the saved image processor uses the same.
         assembly (`str`, *optional*, defaults to `"concat"`):
             How the two backbones' patch features make the output: `"concat"` (channels
             `[original, finetuned]`, 2x width, the paper's choice), `"finetuned"`, `"original"` or `"add"`.

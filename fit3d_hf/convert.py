@@ -4,20 +4,39 @@ The released FiT3D models are pairs of timm ViT state dicts: the original backbo
 fine-tuned one. `convert_checkpoints` maps both onto the transformers classes of `backbones`
 (every source key consumed, every target key filled, or a `ConversionError` listing the keys) and
 writes a `save_pretrained` folder with safetensors weights, the remote-code files and an image
-processor. The folder appears only when everything succeeded.
+processor. The folder appears only when everything succeeded. `convert_official` does the same for
+a release named as in the official `hubconf.py`, fetching both files through `huggingface_hub`
+(`official_files` says which).
+
+The official code normalises every backbone's input with ImageNet's mean/std, so a converted model
+records `normalization="imagenet"` (`backbones.set_normalization`) in its config and processor.
 """
 
 import copy
 import math
 import os
+import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .backbones import build_backbone, family_of, hidden_size_of, make_image_processor, patch_size_of
+from .backbones import (
+    build_backbone,
+    family_of,
+    hidden_size_of,
+    make_image_processor,
+    patch_size_of,
+    preset_config,
+    set_normalization,
+)
 from .configuration_fit3d import FiT3DConfig
+from .errors import InputError, InputNotFoundError
 from .io import atomic_directory
 from .modeling_fit3d import FiT3DModel
 
@@ -59,8 +78,92 @@ _BLOCK_NAMES["dinov2_reg"] = _BLOCK_NAMES["deit3"] = _BLOCK_NAMES["dinov2"]
 _NO_CLS_POSITION = ("dinov2_reg", "deit3")
 
 
-class ConversionError(ValueError):
-    """A checkpoint that does not match the requested family or sizes."""
+# The official releases (`hubconf.py` of ywyue/FiT3D): name -> the timm model of the original
+# backbone. The fine-tuned weights are `<name>_finetuned.pth` in the Hub repo `FINETUNED_REPO`; the
+# original ones are the timm model's weights on the Hub (`timm/<model>`, `TIMM_WEIGHTS_FILE`),
+# which `timm.create_model(..., pretrained=True)` loads in the official code. Each name is also a
+# `backbones.PRESETS` key.
+OFFICIAL_RELEASES = {
+    "dinov2_small": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_base": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_reg_small": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "clip_base": "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
+    "mae_base": "vit_base_patch16_224.mae",
+    "deit3_base": "deit3_base_patch16_224.fb_in1k",
+}
+FINETUNED_REPO = "yuanwenyue/FiT3D"
+TIMM_WEIGHTS_FILE = "model.safetensors"
+
+
+class ConversionError(InputError):
+    """A checkpoint that does not match the requested family or sizes, or cannot be read."""
+
+
+class CheckpointsUnavailableError(InputNotFoundError):
+    """The files of an official release could neither be downloaded nor found in the Hugging Face cache."""
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a Hub model repository (main branch)."""
+
+    repo_id: str
+    filename: str
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
+
+
+def official_files(name: str) -> dict[str, HubFile]:
+    """The two source files of an official release: `{"original": ..., "finetuned": ...}`."""
+    if name not in OFFICIAL_RELEASES:
+        raise ValueError(f"unknown official FiT3D release {name!r}; choose one of {sorted(OFFICIAL_RELEASES)}")
+    return {
+        "original": HubFile(f"timm/{OFFICIAL_RELEASES[name]}", TIMM_WEIGHTS_FILE),
+        "finetuned": HubFile(FINETUNED_REPO, f"{name}_finetuned.pth"),
+    }
+
+
+def resolve_official_files(
+    name: str,
+    roles: tuple[str, ...] = ("original", "finetuned"),
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> dict[str, Path]:
+    """Local paths of source files of an official release, downloaded through `huggingface_hub`.
+
+    Files already in the Hugging Face cache (`cache_dir`, default the `HF_HUB_CACHE` one) are used
+    as they are; offline (`HF_HUB_OFFLINE=1` or `local_files_only`) only those are. Returns
+    `{role: path}` for `roles` (keys of `official_files`).
+
+    Raises:
+        CheckpointsUnavailableError: a file is neither downloadable nor cached; the message names
+            every such file, its URL and how to provide it.
+    """
+    files = official_files(name)
+    paths, unavailable = {}, []
+    for role in roles:
+        file = files[role]
+        try:
+            paths[role] = Path(
+                hf_hub_download(file.repo_id, file.filename, cache_dir=cache_dir, local_files_only=local_files_only)
+            )
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as error:
+            unavailable.append((role, file, error))
+    if unavailable:
+        lines = [f"  {role}: {file.filename} of {file.repo_id} ({file.url})" for role, file, _ in unavailable]
+        downloads = " and ".join(f"`hf download {file.repo_id} {file.filename}`" for _, file, _ in unavailable)
+        options = " ".join(f"--{role} PATH" for role, _, _ in unavailable)
+        raise CheckpointsUnavailableError(
+            f"official release {name!r}: these files are neither downloadable here nor in the Hugging Face cache "
+            f"({cache_dir or 'HF_HUB_CACHE'}):\n" + "\n".join(lines) + "\n"
+            f"Either fetch them into the cache where the Hub is reachable ({downloads}) and copy the cache folder "
+            f"here, or download them anywhere and pass the local files ({options}). "
+            f"First error: {unavailable[0][2]}"
+        )
+    return paths
 
 
 def load_timm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -72,9 +175,23 @@ def load_timm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        state_dict = load_file(path)
+        try:
+            state_dict = load_file(path)
+        except (OSError, SafetensorError) as error:
+            raise ConversionError(f"{path}: not a readable safetensors file ({error}); it may be truncated") from None
     elif path.suffix in (".pth", ".pt", ".bin"):
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "Unsupported global" not in str(error):  # not an object, just not a pickle of tensors
+                raise ConversionError(f"{path}: not a readable torch checkpoint (not a pickled state dict)") from None
+            # torch's own message advises weights_only=False, which would run the pickle's code.
+            raise ConversionError(
+                f"{path}: refused, it holds Python objects besides tensors; fit3d_hf loads checkpoints weights only "
+                "(unpickling objects could run code). Re-save the state dict as safetensors where you trust the file"
+            ) from None
+        except (RuntimeError, EOFError, KeyError, ValueError, OSError) as error:
+            raise ConversionError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
     else:
         raise ConversionError(f"{path}: expected a .safetensors, .pth, .pt or .bin file")
     while isinstance(state_dict, dict) and len(state_dict) == 1 and next(iter(state_dict)) in ("model", "state_dict"):
@@ -212,6 +329,7 @@ def convert_checkpoints(
     backbone_config,
     *,
     assembly: str = "concat",
+    normalization: str = "imagenet",
     overwrite: bool = False,
 ) -> Path:
     """Convert a pair of timm state dicts into a FiT3DModel folder at `output_dir`.
@@ -223,6 +341,9 @@ def convert_checkpoints(
         backbone_config: the backbone config (`backbones.preset_config(...)`); its `image_size` is
             set from the checkpoint's position table.
         assembly: see `FiT3DConfig.assembly`.
+        normalization: the input normalisation the checkpoints were trained with, recorded in the
+            config and the image processor (`backbones.set_normalization`): "imagenet" for the
+            official ones (every family, CLIP included), or "family".
 
     Returns the output folder. On any error nothing is left at `output_dir`.
     """
@@ -230,6 +351,7 @@ def convert_checkpoints(
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
     config = copy.deepcopy(backbone_config)
+    set_normalization(config, normalization)
     converted = {}
     for role, path in (("original", original), ("finetuned", finetuned)):
         state_dict = load_timm_state_dict(path)
@@ -248,3 +370,42 @@ def convert_checkpoints(
         model.save_pretrained(staging)
         make_image_processor(config).save_pretrained(staging)
     return output_dir
+
+
+def convert_official(
+    name: str,
+    output_dir: str | os.PathLike,
+    *,
+    original: str | os.PathLike | None = None,
+    finetuned: str | os.PathLike | None = None,
+    backbone_config=None,
+    cache_dir: str | os.PathLike | None = None,
+    assembly: str = "concat",
+    overwrite: bool = False,
+) -> Path:
+    """Convert an official release (a key of `OFFICIAL_RELEASES`) into a FiT3DModel folder at `output_dir`.
+
+    The source files not given as local paths (`original`, `finetuned`) are resolved with
+    `resolve_official_files` (downloaded, or found in the Hugging Face cache). The model records
+    ImageNet normalisation, as the official code used. `backbone_config` defaults to
+    `backbones.preset_config(name)`.
+
+    Raises:
+        CheckpointsUnavailableError: a file that is neither downloadable nor cached (what to place where).
+        ConversionError, FileExistsError: as `convert_checkpoints`.
+    """
+    official_files(name)  # an unknown name fails before anything is fetched
+    local = {"original": original, "finetuned": finetuned}
+    missing = tuple(role for role, path in local.items() if path is None)
+    if missing:
+        local.update(resolve_official_files(name, missing, cache_dir=cache_dir))
+    config = preset_config(name) if backbone_config is None else backbone_config
+    return convert_checkpoints(
+        local["original"],
+        local["finetuned"],
+        output_dir,
+        config,
+        assembly=assembly,
+        normalization="imagenet",
+        overwrite=overwrite,
+    )

@@ -26,8 +26,11 @@ One entry, with the arguments of `fit3d finetune`:
 The model card is not written here (`fit3d_hf.hub.write_model_card`, `hub.finetune_card_extra`).
 """
 
+import contextlib
+import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -46,8 +49,10 @@ from transformers import PreTrainedModel
 
 from fit3d_hf import backbones
 from fit3d_hf.backbone_specs import backbone_name, load_backbone_spec
-from fit3d_hf.io import atomic_directory
+from fit3d_hf.errors import InputError, InputNotFoundError, OutputError, UserError
+from fit3d_hf.io import LOCK_FILE, TMP_MARK, atomic_directory, check_output_folder, folder_lock, remove_stale_temporaries
 from fit3d_hf.modeling_fit3d import FiT3DModel
+from fit3d_hf.provenance import PROVENANCE_KEY, backbone_identity, check_backbone, check_provenance, check_source, hub_error
 from fit3d_hf.targets import (
     collate_training_rows,
     load_targets,
@@ -57,16 +62,34 @@ from fit3d_hf.targets import (
     training_stream,
 )
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_INFO_FILE = "fit3d_finetune.json"
+# FinetuneConfig fields that leave the trained weights unchanged: a run may resume with other values of these.
+RESULT_INDEPENDENT_FIELDS = (
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "logging_steps",
+    "dataloader_num_workers",
+    "report_to",
+    "gradient_checkpointing",  # recomputes the same activations
+)
 
 
 @dataclass
 class FinetuneConfig:
     """Stage II hyper-parameters. Defaults are the paper's (FiT3D, ECCV 2024; official code
-    ywyue/FiT3D): AdamW lr 1e-5, weight decay 1e-4, constant lr, gradient clipping 0.1, batch 2,
-    horizontal flip p = 0.5, one epoch (two epochs were worse in the paper)."""
+    ywyue/FiT3D `finetune.py`, `engine.py`): AdamW lr 1e-5, weight decay 1e-4, constant lr, gradient
+    clipping 0.1, batch 2, horizontal flip p = 0.5, one epoch (two epochs were worse in the paper),
+    fp32; the input normalised as the targets were lifted (ImageNet's with `--protocol paper`).
+
+    Effective batch = `per_device_batch_size` × processes. The paper's is 2 on one GPU, at lr 1e-5.
+    On N processes keep the product at 2 (e.g. 1 per process on 2 GPUs) for the paper's run; a
+    larger effective batch B is a deviation, for which the usual rule is to scale the learning
+    rate linearly: lr = 1e-5 × B / 2 (not validated against the paper's numbers).
+    """
 
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (constant)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
@@ -95,7 +118,19 @@ class FinetuneConfig:
     flip_probability: float = field(default=0.5, metadata={"help": "Joint horizontal flip of image, target and mask."})
     seed: int = field(default=0, metadata={"help": "Seed for data order and flips (a resumed run reproduces them)."})
     mixed_precision: str = field(
-        default="no", metadata={"help": "'no', 'bf16' or 'fp16' (GPU); overrides the accelerate config when not 'no'."}
+        default="no",
+        metadata={
+            "help": "'no' (fp32, the paper's), 'bf16' or 'fp16' (GPU autocast: faster, a deviation from the paper); "
+            "overrides the accelerate config when not 'no'."
+        },
+    )
+    normalization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Input normalisation of the fine-tuned model, recorded in its config and image processor: "
+            "'imagenet' (as the official code for every backbone) or 'family' (the family's own). Unset: what the "
+            "targets dataset records (the lifting's), else what the backbone's config records."
+        },
     )
     checkpointing_steps: int = field(default=500, metadata={"help": "save_state every N optimizer steps (0: never)."})
     checkpoints_total_limit: int = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
@@ -104,6 +139,23 @@ class FinetuneConfig:
     report_to: str = field(
         default="none", metadata={"help": "Tracker for accelerate ('tensorboard', 'wandb', ...; must be installed) or 'none'."}
     )
+
+    @classmethod
+    def paper_preset(cls, **overrides) -> "FinetuneConfig":
+        """The official Stage II (`fit3d finetune --protocol paper`): `PAPER_PRESET`, which the defaults equal."""
+        return cls(**{**PAPER_PRESET, **overrides})
+
+
+# The official Stage II values (`finetune.py` defaults, `engine.py`; docs/protocol.md), on one process.
+PAPER_PRESET = dict(
+    learning_rate=1e-5,
+    weight_decay=1e-4,
+    max_grad_norm=0.1,
+    per_device_batch_size=2,
+    num_epochs=1,
+    flip_probability=0.5,
+    mixed_precision="no",
+)
 
 
 @dataclass
@@ -178,23 +230,26 @@ def check_dataset(dataset: datasets.Dataset | datasets.IterableDataset, backbone
     metadata = targets_metadata(dataset)
     made_for = metadata.get("backbone", {}).get("name_or_path") or "another backbone"
     if hidden_size != width:
-        raise ValueError(
+        raise InputError(
             f"the dataset's targets are {hidden_size}-dimensional (rendered for {made_for}) but the backbone "
             f"is {width} wide; render targets with the backbone you fine-tune (`fit3d render --backbone ...`)"
         )
     if _num_views(dataset) == 0:
-        raise ValueError("the targets dataset is empty")
+        raise InputError("the targets dataset is empty")
     if metadata.get("valid_fraction") and not any(metadata["valid_fraction"].values()):
-        raise ValueError(
+        raise InputError(
             "no target cell of the dataset is valid (every mask is 0: the renders cover nothing); "
             "lift the scenes longer or check the scene masks"
         )
     first = next(iter(dataset.select_columns(["image"])))["image"]
     patch = backbones.patch_size_of(backbone_config)
     height, width_px = first.shape[-2:] if isinstance(first, torch.Tensor) else (first.height, first.width)
-    backbones.check_image_size(height, width_px, backbone_config)
+    try:
+        backbones.check_image_size(height, width_px, backbone_config)
+    except ValueError as error:
+        raise InputError(f"the targets dataset's images do not fit the backbone: {error}") from error
     if (height // patch, width_px // patch) != (grid_height, grid_width):
-        raise ValueError(
+        raise InputError(
             f"images of {height}x{width_px} give a {height // patch}x{width_px // patch} patch grid at patch size "
             f"{patch}, but the targets are {grid_height}x{grid_width}; the dataset was rendered for another patch size"
         )
@@ -208,6 +263,20 @@ def _num_views(dataset: datasets.Dataset | datasets.IterableDataset) -> int | No
         return targets_metadata(dataset)["num_views"]
     split = (dataset.info.splits or {}).get("train")
     return split.num_examples if split is not None and split.num_examples else None
+
+
+def _normalization(config: FinetuneConfig, metadata: dict, model_config) -> str:
+    """The input normalisation to fine-tune with: the config's, else the targets', else the backbone's record.
+
+    Raises a ValueError when the config asks for another one than the targets were lifted with.
+    """
+    lifted = metadata.get("normalization")
+    if config.normalization is not None and lifted is not None and config.normalization != lifted:
+        raise ValueError(
+            f"the targets were made with {lifted!r} input normalisation, but normalization is {config.normalization!r}: "
+            "fine-tune with the one the targets were lifted with (leave normalization unset)"
+        )
+    return config.normalization or lifted or backbones.normalization_of(model_config)
 
 
 class FeatureMapHead(torch.nn.Module):
@@ -335,30 +404,42 @@ def finetune(
         resume_from_checkpoint: a checkpoint folder, or "latest" for the newest one under
             `output_dir` (a fresh start when there is none).
 
+    Before any work: `output_dir` must be new or empty, or hold this run's checkpoints when
+    resuming (a finished model is never overwritten, another run's checkpoints never deleted);
+    the targets must have been rendered for `backbone` (same weights, from the dataset's recorded
+    provenance); a resumed checkpoint must have been made with the same backbone, targets and
+    settings (all `FinetuneConfig` fields but `RESULT_INDEPENDENT_FIELDS`). The main process holds
+    `output_dir`'s lock (`io.folder_lock`) while it trains. `fit3d_finetune.json` records the run's
+    provenance.
+
     Returns:
         `FinetuneResult`, on every process; only the main process writes `output_dir`.
     """
     config = config or FinetuneConfig()
+    _check_config(config)
+    output_dir = check_output_folder(output_dir, what="the fine-tuning output folder")
+    resume_from_checkpoint = _resume_point(output_dir, resume_from_checkpoint)
     dataset_source = None if isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)) else str(dataset)
     if dataset_source is not None:
-        dataset = load_targets(dataset_source, streaming=config.streaming)
+        dataset = _open_targets(dataset_source, streaming=config.streaming)
     streaming = isinstance(dataset, datasets.IterableDataset)
     if isinstance(backbone, FiT3DModel):
         raise TypeError("backbone is a FiT3DModel; pass the backbone to fine-tune (e.g. its .finetuned) or a --backbone spec")
     if isinstance(backbone, (str, os.PathLike)):
         backbone, name = load_backbone_spec(str(backbone), config.seed)
+        identity = backbone_identity(backbone)
         model = FiT3DModel.from_backbone(backbone, assembly="concat")
         del backbone  # the FiT3DModel holds two copies; a third would stay in memory through training
     else:
         name = backbone_name(backbone)
+        identity = backbone_identity(backbone)
         model = FiT3DModel.from_backbone(backbone, assembly="concat")
     check_dataset(dataset, model.config)
+    _check_targets_backbone(targets_metadata(dataset), identity, dataset_source)
+    backbones.set_normalization(model.config, _normalization(config, targets_metadata(dataset), model.config))
     num_views = _num_views(dataset)
     if streaming and num_views is None and config.max_steps is None:
-        raise ValueError("the streamed dataset does not say how many views it has (no num_views metadata): pass max_steps")
-    if config.gradient_accumulation_steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {config.gradient_accumulation_steps}")
-    output_dir = Path(output_dir)
+        raise InputError("the streamed dataset does not say how many views it has (no num_views metadata): pass max_steps")
     log_with = None
     if config.report_to not in ("none", "", None):
         available = [str(t) for t in get_available_trackers()]
@@ -373,7 +454,11 @@ def finetune(
     if config.gradient_checkpointing:
         if not model.finetuned.supports_gradient_checkpointing:
             raise ValueError(f"{type(model.finetuned).__name__} does not support gradient checkpointing")
-        model.finetuned.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: the input (pixels) needs no gradient. transformers 5.x renamed the method.
+        if hasattr(model.finetuned, "activation_checkpointing_enable"):
+            model.finetuned.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.finetuned.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # The device is accelerate's: what `accelerate launch` / `accelerate config` chose, or what it detects.
     accelerator = Accelerator(
         mixed_precision=None if config.mixed_precision == "no" else config.mixed_precision,
@@ -385,6 +470,30 @@ def finetune(
             num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
         ),
     )
+    provenance = {
+        "backbone": identity,
+        "targets": _targets_identity(dataset),
+        "finetune_config": {key: value for key, value in asdict(config).items() if key not in RESULT_INDEPENDENT_FIELDS},
+        "num_processes": accelerator.num_processes,
+    }
+    if resume_from_checkpoint is not None:
+        trainer_state = json.loads((resume_from_checkpoint / TRAINER_STATE_FILE).read_text())
+        check_provenance(
+            trainer_state.get(PROVENANCE_KEY),
+            provenance,
+            artifact=f"the checkpoint {resume_from_checkpoint}",
+            fix=(
+                "resume with the targets, backbone, settings and number of processes it was started with, "
+                "or start anew in another --output_dir"
+            ),
+        )
+    # The main process holds the folder's lock; a run that raises leaves it to this process or to a later run (stale).
+    claim = contextlib.ExitStack()
+    if accelerator.is_main_process:
+        claim.enter_context(folder_lock(output_dir, what="the fine-tuning output folder"))
+        remove_stale_temporaries(output_dir)
+        remove_stale_temporaries(output_dir.parent)
+    accelerator.wait_for_everyone()
     set_seed(config.seed)
     if log_with is not None:
         accelerator.init_trackers("fit3d_finetune", config=asdict(config))
@@ -429,18 +538,17 @@ def finetune(
             f"{world} processes; lower per_device_batch_size or gradient_accumulation_steps"
         )
     total_steps = config.max_steps if config.max_steps is not None else config.num_epochs * steps_per_epoch
+    effective_batch_size = config.per_device_batch_size * batches_per_step * world
+    accumulated = f" x {batches_per_step} accumulated" if batches_per_step > 1 else ""
+    accelerator.print(
+        f"effective batch {effective_batch_size} ({config.per_device_batch_size} per process{accumulated} x {world} "
+        f"processes) at lr {config.learning_rate:g}; the paper's: 2 at 1e-5 (FinetuneConfig)"
+    )
 
     global_step, epoch, epoch_step = 0, 0, 0  # epoch_step: optimizer steps taken in `epoch`
     losses: list[tuple[int, float]] = []
-    if resume_from_checkpoint == "latest":
-        resume_from_checkpoint = latest_checkpoint(output_dir)
     if resume_from_checkpoint is not None:
-        resume_from_checkpoint = Path(resume_from_checkpoint)
-        state_file = resume_from_checkpoint / TRAINER_STATE_FILE
-        if not state_file.exists():
-            raise FileNotFoundError(f"{resume_from_checkpoint} is not a finetune checkpoint (no {TRAINER_STATE_FILE})")
         accelerator.load_state(str(resume_from_checkpoint))
-        trainer_state = json.loads(state_file.read_text())
         global_step, epoch, epoch_step = trainer_state["global_step"], trainer_state["epoch"], trainer_state["epoch_step"]
         losses = [tuple(entry) for entry in trainer_state["losses"]]
         accelerator.print(f"resumed from {resume_from_checkpoint} at step {global_step}")
@@ -495,6 +603,7 @@ def finetune(
                     "epoch_step": epoch_step,
                     "losses": losses,
                     "config": asdict(config),
+                    PROVENANCE_KEY: provenance,
                 }
                 _save_checkpoint(accelerator, output_dir, state, config.checkpoints_total_limit)
             if global_step >= total_steps:
@@ -514,16 +623,20 @@ def finetune(
         "dataset_metadata": targets_metadata(dataset),
         "backbone": name,
         "config": asdict(config),
+        "normalization": backbones.normalization_of(model.config),
+        "effective_batch_size": effective_batch_size,
         "num_views": num_views,
         "frozen_parameters": frozen,
         "global_step": global_step,
         "num_processes": len(rank_checksums),
         "rank_checksums": rank_checksums,
         "losses": losses,
+        PROVENANCE_KEY: provenance,
     }
     if accelerator.is_main_process:
         _save_model(model, output_dir, training_info)
     accelerator.wait_for_everyone()
+    claim.close()
     accelerator.end_training()
     return FinetuneResult(
         model=model,
@@ -533,6 +646,122 @@ def finetune(
         rank_checksums=rank_checksums,
         training_info=training_info,
     )
+
+
+def _check_config(config: FinetuneConfig) -> None:
+    """Refuse settings that would train nothing or lose the checkpoints, naming the option."""
+    limits = (
+        ("max_steps", config.max_steps, 1, "a model saved after no step would be called fine-tuned"),
+        ("num_epochs", config.num_epochs, 1, "a model saved after no step would be called fine-tuned"),
+        ("per_device_batch_size", config.per_device_batch_size, 1, "views per process per batch"),
+        ("gradient_accumulation_steps", config.gradient_accumulation_steps, 1, "batches per optimizer step"),
+        ("shuffle_buffer_size", config.shuffle_buffer_size, 1, "views each process holds to shuffle a stream"),
+        ("checkpoints_total_limit", config.checkpoints_total_limit, 1, "0 would delete every checkpoint"),
+        ("checkpointing_steps", config.checkpointing_steps, 0, "0 means never"),
+        ("logging_steps", config.logging_steps, 1, "the loss is logged every this many steps"),
+    )
+    for name, value, least, why in limits:
+        if value is not None and value < least:
+            raise InputError(f"{name} is {value}; it must be at least {least} ({why})")
+
+
+def _resume_point(output_dir: Path, resume: str | os.PathLike | None) -> Path | None:
+    """The checkpoint to resume from (`resume`, with "latest" resolved), after refusing an output
+    folder that holds a finished model, another run's checkpoints or other files."""
+    latest = latest_checkpoint(output_dir)
+    has_model = (output_dir / TRAINING_INFO_FILE).is_file() or (output_dir / "config.json").is_file()
+    if resume == "latest":
+        if latest is not None:
+            return latest
+        resume = None
+    if resume is None:
+        if latest is not None and has_model:
+            raise OutputError(
+                f"{output_dir} already holds a fine-tuned model (and its checkpoints); choose another --output_dir, "
+                "or delete it to fine-tune again (fine-tuning never overwrites a model)"
+            )
+        if latest is not None:
+            raise OutputError(
+                f"{output_dir} holds the checkpoints of an unfinished run ({latest.name}); continue it with "
+                "--resume_from_checkpoint latest, or choose another --output_dir (a new run never deletes them)"
+            )
+        if has_model:
+            raise OutputError(
+                f"{output_dir} already holds a fine-tuned model; choose another --output_dir, or delete it to "
+                "fine-tune again (fine-tuning never overwrites a model)"
+            )
+        other = sorted(
+            entry.name
+            for entry in (output_dir.iterdir() if output_dir.is_dir() else [])
+            if entry.name not in ("checkpoints", LOCK_FILE) and TMP_MARK not in entry.name
+        )
+        if other:
+            raise OutputError(
+                f"{output_dir} is not empty ({', '.join(other[:5])}); fine-tuning writes a model folder there: "
+                "choose a new or empty --output_dir"
+            )
+        return None
+    path = Path(resume)
+    if not (path / TRAINER_STATE_FILE).is_file():
+        raise InputNotFoundError(f"{path} is not a finetune checkpoint (no {TRAINER_STATE_FILE})")
+    if latest is not None and path.resolve().parent != (output_dir / "checkpoints").resolve():
+        raise OutputError(
+            f"{output_dir} holds the checkpoints of another run ({latest.name}) than {path}; resume into the folder "
+            "the checkpoint belongs to, or choose another --output_dir"
+        )
+    if latest is None and has_model:
+        raise OutputError(f"{output_dir} already holds a fine-tuned model; choose another --output_dir")
+    return path
+
+
+def _open_targets(source: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """`load_targets(source, streaming=streaming)`, with errors that name the dataset and the fix."""
+    check_source(source, "targets dataset")
+    try:
+        return load_targets(source, streaming=streaming)
+    except UserError:
+        raise
+    except FileNotFoundError as error:
+        if os.path.exists(source):
+            raise InputNotFoundError(f"targets dataset {source}: {error}; pass the folder `fit3d render` wrote") from error
+        raise hub_error(source, "targets dataset", error) from error
+    except ConnectionError as error:
+        raise hub_error(source, "targets dataset", error) from error
+    except (OSError, ValueError) as error:  # pyarrow's errors for truncated files are ValueErrors
+        raise InputError(
+            f"targets dataset {source}: cannot be read ({type(error).__name__}: {str(error)[:200]}); a file may be "
+            "truncated: render it again (`fit3d render`)"
+        ) from error
+
+
+def _check_targets_backbone(metadata: dict, identity: dict, source: str | None) -> None:
+    """Refuse targets rendered for another backbone (other weights) than the one fine-tuned."""
+    recorded = (metadata.get(PROVENANCE_KEY) or {}).get("backbone")
+    artifact = f"the targets dataset {source}" if source else "the targets dataset"
+    if recorded is None:
+        logger.warning(
+            "%s records no provenance (not made by `fit3d render`, or by an older one): its backbone is not checked", artifact
+        )
+        return
+    check_backbone(
+        recorded,
+        identity,
+        artifact=artifact,
+        fix=(
+            "fine-tune the backbone the targets were rendered for (the --backbone and --seed given to `fit3d render`), "
+            "or render targets for this backbone"
+        ),
+    )
+
+
+def _targets_identity(dataset: datasets.Dataset | datasets.IterableDataset) -> dict:
+    """What identifies a targets dataset for a fine-tuning run: size, shape and a hash of its metadata."""
+    metadata = targets_metadata(dataset)
+    return {
+        "num_rows": _num_views(dataset),
+        "target_shape": list(target_shape(dataset)),
+        "metadata_sha256": hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest() if metadata else None,
+    }
 
 
 def _save_model(model: FiT3DModel, output_dir: Path, training_info: dict) -> None:

@@ -18,6 +18,7 @@ callers (the commands and the demo) write them after a stage.
 """
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -46,9 +47,11 @@ from . import __version__
 from .backbone_specs import hub_id_of
 from .backbones import ADAPTERS
 from .embedded import EMBEDDED_BACKBONE_NAME
+from .errors import InputError, InputNotFoundError, ProvenanceError, ResultsError
 from .evaluation.report import METRIC_NAMES, results_table
-from .io import atomic_directory, atomic_write_text
-from .targets import METADATA_FILE, bytes_per_view, target_shape, targets_metadata
+from .io import atomic_directory, atomic_write_text, remove_stale_temporaries
+from .provenance import PROVENANCE_KEY, weight_files_sha256
+from .targets import MASK_DTYPES, METADATA_FILE, bytes_per_view, target_shape, targets_metadata
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"
 DEFAULT_TEMPLATE = "fit3d_template"
@@ -139,12 +142,15 @@ def load_results(path: str | os.PathLike) -> dict:
     """Read a results JSON written by the benchmark; errors name the file and what is missing."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"results file not found: {path}")
-    with open(path) as f:
-        results = json.load(f)
-    missing = [key for key in ("protocol", "sources", "results") if key not in results]
+        raise InputNotFoundError(f"results file not found: {path}")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not a JSON file ({error}); pass the results.json `fit3d evaluate` wrote") from error
+    missing = [key for key in ("protocol", "sources", "results") if not isinstance(results, dict) or key not in results]
     if missing:
-        raise ValueError(f"{path} is not a fit3d_hf benchmark results file: missing keys {missing}")
+        raise InputError(f"{path} is not a fit3d_hf benchmark results file: missing keys {missing}")
     return results
 
 
@@ -213,6 +219,31 @@ def eval_result_entries_from(results: dict, source: str | None = None) -> dict[s
     return entries
 
 
+def check_results_for_card(results: dict, path: str | os.PathLike, model_dir: str | os.PathLike) -> None:
+    """Refuse results that would put wrong numbers on the card of `model_dir`: values that are not
+    numbers (NaN), or results measured on other weights than the folder holds (their recorded
+    `provenance.model.weight_files_sha256`)."""
+    bad = sorted(
+        {
+            f"{row['source']}: {row['task']} {row['metric']}"
+            for row in results["results"]
+            if not all(map(math.isfinite, row["values"]))
+        }
+    )
+    if bad:
+        raise ResultsError(
+            f"{path} holds results that are not numbers ({', '.join(bad)}); a card never shows NaN as a result. "
+            "Run `fit3d evaluate` again (it refuses such results and says why)"
+        )
+    recorded = ((results.get(PROVENANCE_KEY) or {}).get("model") or {}).get("weight_files_sha256")
+    current = weight_files_sha256(model_dir)
+    if recorded is not None and current is not None and recorded != current:
+        raise ProvenanceError(
+            f"{path} was measured on other weights (sha256 {recorded[:12]}…) than {model_dir} holds ({current[:12]}…); "
+            f"evaluate {model_dir} itself (`fit3d evaluate --model {model_dir}`) and card those results"
+        )
+
+
 def write_model_card(
     model_dir: str | os.PathLike,
     *,
@@ -232,13 +263,17 @@ def write_model_card(
             `license_link`), `training` (free text), `limitations`. Keys named like
             `ModelCardData` fields go to the YAML header; all are passed to the template.
         template: name of a template in `fit3d_hf/model_cards/` (without `.md`) or a path.
+
+    Raises:
+        ResultsError: the results hold a value that is not a number (`check_results_for_card`).
+        ProvenanceError: the results were measured on other weights than `model_dir` holds.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder not found: {model_dir}")
+        raise InputNotFoundError(f"model folder not found: {model_dir}")
     template_path = Path(template) if template.endswith(".md") else TEMPLATES_DIR / f"{template}.md"
     if not template_path.is_file():
-        raise FileNotFoundError(f"model card template not found: {template_path}")
+        raise InputNotFoundError(f"model card template not found: {template_path}")
     extra = dict(extra or {})
 
     config = {}
@@ -269,6 +304,7 @@ def write_model_card(
     eval_results, eval_entries = None, {}
     if eval_results_path is not None:
         results = load_results(eval_results_path)
+        check_results_for_card(results, eval_results_path, model_dir)
         eval_results = eval_results_from(results) or None
         eval_entries = eval_result_entries_from(results)
         variables["results_table"] = results_table(results)
@@ -289,6 +325,7 @@ def write_model_card(
     card_data = ModelCardData(model_name=model_name, eval_results=eval_results, **license_fields, **card_kwargs)
     variables.update(extra)
     card = ModelCard.from_template(card_data, template_path=str(template_path), **variables)
+    remove_stale_temporaries(model_dir)
     out = model_dir / "README.md"
     atomic_write_text(out, str(card))
     _write_eval_results(model_dir / EVAL_RESULTS_DIR, eval_entries)
@@ -452,6 +489,8 @@ def targets_card(dataset: datasets.Dataset, *, license: dict[str, str] | None = 
     )
     image_height, image_width = metadata["image_size"]
     source = metadata["target_source"]
+    mask = (metadata.get("render") or {}).get("mask_kind", "coverage")
+    provenance = metadata.get(PROVENANCE_KEY) or {}
     return DatasetCard.from_template(
         card_data,
         template_path=str(TEMPLATES_DIR / f"{TARGETS_TEMPLATE}.md"),
@@ -472,7 +511,12 @@ def targets_card(dataset: datasets.Dataset, *, license: dict[str, str] | None = 
         image_width=image_width,
         grid_height=grid_height,
         grid_width=grid_width,
-        megabytes_per_view=f"{bytes_per_view(hidden_size, grid_height, grid_width) / 1e6:.2f}",
+        megabytes_per_view=f"{bytes_per_view(hidden_size, grid_height, grid_width, mask) / 1e6:.2f}",
+        mask_kind=mask,
+        mask_dtype=MASK_DTYPES[mask],
+        mask_rule=(metadata.get("render") or {}).get("mask", ""),
+        normalization=metadata.get("normalization") or "not recorded",
+        weights_sha256=((provenance.get("backbone") or {}).get("weights_sha256") or "not recorded")[:16],
         license_note=note,
         scannetpp=bool(scannetpp),
         scannetpp_scenes=scannetpp,

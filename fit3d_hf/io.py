@@ -5,6 +5,9 @@ name beside its final path and renamed over it (`os.replace` is atomic on one fi
 is assembled in a staging folder beside its final path and renamed into place. Temporary names start
 with `.` and contain `TMP_MARK`, so `remove_stale_temporaries` can find what a killed process left.
 
+A stage checks its output folder before any work (`check_output_folder`) and holds a lock in it
+while it writes (`folder_lock`), so two runs never write one folder at once.
+
 Example:
 
     >>> from fit3d_hf.io import atomic_directory, atomic_write_json
@@ -17,12 +20,20 @@ import contextlib
 import json
 import os
 import shutil
+import socket
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import OutputBusyError, OutputError
+
 # Part of every temporary name this module makes: `.<name>.tmp-<pid>`.
 TMP_MARK = ".tmp-"
+# The lock a run holds in the folder it writes (`folder_lock`).
+LOCK_FILE = ".fit3d.lock"
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -125,3 +136,107 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def check_output_folder(path: str | os.PathLike, *, what: str = "the output") -> Path:
+    """Raise an `OutputError` unless `path` can be a folder this process writes: it is a folder or
+    absent, and the nearest existing folder at or above it accepts a new file. Creates nothing.
+
+    Call it before any work, so that an unusable output folder is found before hours of computing.
+
+    Args:
+        path: the output folder.
+        what: what the folder is for, named in the error (e.g. "--output_dir of fit3d lift").
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder; choose another output folder or remove the file")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{what} {path} cannot be created: {existing} is a file, not a folder")
+    try:
+        # os.access says yes to root on a read-only file system: write a file to know.
+        handle, probe = tempfile.mkstemp(prefix=f".write-check{TMP_MARK}{os.getpid()}-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputError(f"{what} {path} cannot be written: {existing} refuses new files ({error.strerror})") from error
+    return path
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, *, what: str = "the output") -> Iterator[Path]:
+    """Hold `<folder>/.fit3d.lock` while the block runs, so that two runs never write one folder.
+
+    The folder is checked (`check_output_folder`) and created. The lock names this process (pid,
+    host, start time, command line); a lock whose process has ended on this host, or that this
+    process left in an earlier call that raised, is taken over. On exit the lock is removed, and
+    the folder too if this call created it and it is still empty.
+
+    Raises:
+        OutputBusyError: another live run holds the lock (the message names it).
+        OutputError: the folder cannot be written.
+    """
+    folder = check_output_folder(folder, what=what)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    _claim(lock, what)
+    try:
+        yield folder
+    finally:
+        if (_read_lock(lock) or {}).get("pid") == os.getpid():
+            lock.unlink(missing_ok=True)
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _claim(lock: Path, what: str) -> None:
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+    }
+    for _ in range(3):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            other = _read_lock(lock)
+            if _is_stale(lock, other):
+                lock.unlink(missing_ok=True)
+                continue
+            other = other or {}
+            raise OutputBusyError(
+                f"{what} {lock.parent} is being written by another run (pid {other.get('pid', '?')} on "
+                f"{other.get('host', '?')}, started {other.get('started', '?')}: {other.get('command', '?')}); wait "
+                f"for it to finish or choose another output folder. If that run is gone, delete {lock}"
+            ) from None
+        with os.fdopen(handle, "w") as f:
+            json.dump(holder, f)
+        return
+    raise OutputBusyError(f"{what} {lock.parent}: could not take the lock {lock} (other runs keep taking it)")
+
+
+def _read_lock(lock: Path) -> dict | None:
+    try:
+        value = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _is_stale(lock: Path, holder: dict | None) -> bool:
+    """Whether nobody holds `lock`: its process has ended on this host (or it was left unwritten long ago)."""
+    if holder is None:
+        # Written between O_EXCL and the first byte by a live process, or abandoned there.
+        try:
+            return time.time() - lock.stat().st_mtime > 60
+        except FileNotFoundError:
+            return True
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False  # another machine's process: it cannot be checked from here
+    # This very process holds no lock across calls: one of its own was left by a call that raised.
+    return holder["pid"] == os.getpid() or not _process_alive(holder["pid"])

@@ -1,6 +1,6 @@
 """Probe benchmark recipe: `accelerate launch recipes/evaluation.py --help` (same as `fit3d evaluate`)."""
 
-from fit3d_hf.commands.evaluate import main
+from fit3d_hf.cli import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command("evaluate")

@@ -1,3 +1,3 @@
-from fit3d_hf.commands.push import main
+from fit3d_hf.cli import run_command
 
-main()
+run_command("push")

@@ -1,3 +1,3 @@
-from fit3d_hf.commands.render import main
+from fit3d_hf.cli import run_command
 
-main()
+run_command("render")

@@ -207,6 +207,31 @@ def test_image_mean_std_and_normalize():
     torch.testing.assert_close(backbones.normalize(images, backbones.tiny_config("radio")), images)
 
 
+def test_recorded_normalization_is_used_everywhere(tmp_path):
+    """`set_normalization(config, "imagenet")` (the official code's, for every family) is saved with the config and
+    read by `normalize`, `image_mean_std` and the image processor; `with_normalization` leaves the config alone."""
+    from fit3d_hf import FiT3DConfig
+
+    config = backbones.tiny_config("clip")
+    assert backbones.normalization_of(config) == "family" and backbones.image_mean_std(config)[0] == backbones.CLIP_MEAN
+    copy = backbones.with_normalization(config, "imagenet")
+    assert backbones.normalization_of(config) == "family" and backbones.with_normalization(config, None) is config
+    images = torch.rand(1, 3, 4, 5)
+    expected = (images - torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(backbones.IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    torch.testing.assert_close(backbones.normalize(images, copy), expected)
+    fit3d = FiT3DConfig(backbone_config=copy)
+    fit3d.save_pretrained(tmp_path)
+    loaded = FiT3DConfig.from_pretrained(tmp_path)
+    assert backbones.normalization_of(loaded) == "imagenet" and backbones.image_mean_std(loaded)[1] == backbones.IMAGENET_STD
+    assert tuple(backbones.make_image_processor(loaded).image_mean) == backbones.IMAGENET_MEAN
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        backbones.set_normalization(config, "clip")
+    with pytest.raises(ValueError, match="radio normalises its input inside the model"):
+        backbones.set_normalization(backbones.tiny_config("radio"), "imagenet")
+
+
 def test_processor_sizes_follow_the_native_size():
     siglip2 = backbones.make_image_processor(backbones.tiny_config("siglip2"))
     assert siglip2.size == {"height": 64, "width": 64} and siglip2.ensure_multiple_of == 16  # sqrt(16 patches) * 16
@@ -254,7 +279,7 @@ def test_a_checkpoint_that_does_not_fill_the_model_is_refused(tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     del weights["layernorm.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"leaves 1 weights of IJepaModel unfilled.*layernorm.weight"):
+    with pytest.raises(ValueError, match=r"lacks 1 weight\(s\) of the model \(layernorm.weight\).*IJepaModel"):
         backbones.load_backbone(str(tmp_path))
 
 

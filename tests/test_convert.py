@@ -3,7 +3,7 @@
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModel
+from transformers import AutoImageProcessor, AutoModel
 
 import fit3d_hf  # noqa: F401  (registers the auto classes)
 from fit3d_hf import backbones
@@ -266,3 +266,104 @@ def test_cli_converts_full_size_presets(preset, tmp_path):
         diffs[role] = (output[f"{role}_feature_maps"] - as_maps(reference, num_prefix, grid)).abs().max().item()
     print(f"{preset} max abs diff vs timm: {diffs}")
     assert max(diffs.values()) <= 1e-5, diffs
+
+
+def fill_hub_cache(cache, files: dict[str, tuple[str, str, dict]], revision: str = "0123456789abcdef0123456789abcdef01234567"):
+    """huggingface_hub's cache layout: models--org--name/snapshots/<rev>/<file> and refs/main = <rev>."""
+    for repo_id, filename, state_dict in files.values():
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+        path = repo / "snapshots" / revision / filename
+        save_file(state_dict, path) if filename.endswith(".safetensors") else torch.save(state_dict, path)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_official_files_are_the_hubconf_ones():
+    from fit3d_hf.convert import OFFICIAL_RELEASES, official_files
+
+    files = official_files("dinov2_small")
+    assert (files["finetuned"].repo_id, files["finetuned"].filename) == ("yuanwenyue/FiT3D", "dinov2_small_finetuned.pth")
+    assert (files["original"].repo_id, files["original"].filename) == (
+        "timm/vit_small_patch14_dinov2.lvd142m",
+        "model.safetensors",
+    )
+    assert files["finetuned"].url == "https://huggingface.co/yuanwenyue/FiT3D/resolve/main/dinov2_small_finetuned.pth"
+    assert OFFICIAL_RELEASES == PRESET_TIMM_IDS and set(OFFICIAL_RELEASES) <= set(backbones.PRESETS)
+    with pytest.raises(ValueError, match="unknown official FiT3D release 'dinov2_huge'"):
+        official_files("dinov2_huge")
+
+
+def test_official_release_converts_from_the_hub_cache_offline(tmp_path, offline):
+    """Both files resolved through huggingface_hub from a pre-populated cache, the Hub offline; ImageNet recorded."""
+    from fit3d_hf.convert import convert_official, official_files, resolve_official_files
+
+    files = official_files("clip_base")
+    original, finetuned = random_timm_model("clip", seed=0), random_timm_model("clip", seed=1)
+    cache = tmp_path / "hub"
+    fill_hub_cache(
+        cache,
+        {
+            "original": (files["original"].repo_id, files["original"].filename, original.state_dict()),
+            "finetuned": (files["finetuned"].repo_id, files["finetuned"].filename, finetuned.state_dict()),
+        },
+    )
+    paths = resolve_official_files("clip_base", cache_dir=cache)
+    assert paths["finetuned"].name == "clip_base_finetuned.pth" and "models--yuanwenyue--FiT3D" in str(paths["finetuned"])
+    out = convert_official("clip_base", tmp_path / "model", backbone_config=tiny_target_config("clip"), cache_dir=cache)
+    model = AutoModel.from_pretrained(out).eval()
+    assert backbones.normalization_of(model.config) == "imagenet"
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert tuple(processor.image_mean) == backbones.IMAGENET_MEAN  # not CLIP's: the official code's statistics
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = model(backbones.normalize(images, model.config)).finetuned_feature_maps
+    imagenet = (images - torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(backbones.IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    normed, _ = timm_features(finetuned, imagenet)
+    assert (ours - as_maps(normed, 1, (4, 4))).abs().max() <= 1e-5
+
+
+def test_official_release_missing_offline_says_what_to_place_where(tmp_path, offline):
+    from fit3d_hf.convert import CheckpointsUnavailableError, convert_official
+
+    cache = tmp_path / "hub"
+    files = {"finetuned": ("yuanwenyue/FiT3D", "mae_base_finetuned.pth", random_timm_model("mae", seed=1).state_dict())}
+    fill_hub_cache(cache, files)  # only the fine-tuned file is cached
+    with pytest.raises(CheckpointsUnavailableError) as error:
+        convert_official("mae_base", tmp_path / "model", backbone_config=tiny_target_config("mae"), cache_dir=cache)
+    message = str(error.value)
+    assert "original: model.safetensors of timm/vit_base_patch16_224.mae" in message
+    assert "https://huggingface.co/timm/vit_base_patch16_224.mae/resolve/main/model.safetensors" in message
+    assert "hf download timm/vit_base_patch16_224.mae model.safetensors" in message and "--original PATH" in message
+    assert "finetuned:" not in message and not (tmp_path / "model").exists()
+    # A local file replaces the missing one; the cached one is still used.
+    save_file(random_timm_model("mae", seed=0).state_dict(), tmp_path / "original.safetensors")
+    out = convert_official(
+        "mae_base", tmp_path / "model", original=tmp_path / "original.safetensors", backbone_config=tiny_target_config("mae"),
+        cache_dir=cache,
+    )  # fmt: skip
+    assert (out / "model.safetensors").is_file()
+
+
+def test_cli_official_reports_missing_files(tmp_path, offline, monkeypatch):
+    import huggingface_hub.constants
+
+    from fit3d_hf.commands.convert import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match=r"(?s)dinov2_small_finetuned\.pth of yuanwenyue/FiT3D.*--finetuned PATH"):
+        main(["--official", "dinov2_small", "--output", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="give --official NAME, or --family, --original and --finetuned"):
+        main(["--output", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="contradicts"):
+        main(["--official", "dinov2_small", "--family", "clip_base", "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

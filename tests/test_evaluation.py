@@ -83,6 +83,7 @@ def test_cpu_yaml_is_the_cpu_preset():
     drift = {k: (v, getattr(preset, k)) for k, v in values.items() if hasattr(preset, k) and getattr(preset, k) != v}
     assert not drift
     paper = yaml.safe_load((CONFIGS / "evaluate_paper.yaml").read_text())  # the paper protocol = the defaults
+    assert paper.pop("protocol") == "paper"  # named there; the default "auto" picks it for the paper datasets
     assert {k: v for k, v in paper.items() if k in BenchmarkConfig.__dataclass_fields__} == {
         k: getattr(BenchmarkConfig(), k) for k in paper if k in BenchmarkConfig.__dataclass_fields__
     }

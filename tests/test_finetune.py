@@ -35,10 +35,11 @@ def fresh_accelerate_state():
 
 @pytest.fixture(scope="module")
 def targets_dir(tmp_path_factory):
-    """8 views whose targets are a different (teacher) backbone's blurred features: learnable."""
+    """8 views whose targets are the fine-tuned backbone's own blurred features: learnable (the
+    targets record the backbone; fine-tuning refuses targets of another one)."""
     room = synthetic.make_room(3, num_views=9, height=32, width=48, test_every=100)
     path = tmp_path_factory.mktemp("targets") / "targets"
-    render_targets([room], tiny_backbone(seed=1), path, target_source="single_view_blur")
+    render_targets([room], tiny_backbone(seed=0), path, target_source="single_view_blur")
     return path
 
 
@@ -223,3 +224,48 @@ def test_unavailable_tracker_refused(tmp_path, targets_dir, backbone_dir):
     )
     with pytest.raises(ValueError, match=f"--report_to '{missing}' is not installed"):
         finetune(targets_dir, str(backbone_dir), tmp_path / "r", fast_config(report_to=missing))
+
+
+def test_paper_preset_is_the_default_and_the_recipe():
+    from fit3d_hf.commands import parse_args
+    from fit3d_hf.commands.finetune import FinetuneArguments
+    from fit3d_hf.finetune import PAPER_PRESET
+
+    paper = FinetuneConfig.paper_preset()
+    assert paper == FinetuneConfig()  # the defaults are the paper's
+    assert (paper.learning_rate, paper.per_device_batch_size, paper.mixed_precision, paper.max_grad_norm) == (1e-5, 2, "no", 0.1)
+
+    def parsed(*argv: str) -> FinetuneConfig:
+        protocols = {"paper": PAPER_PRESET}
+        return parse_args((FinetuneArguments, FinetuneConfig), list(argv), prog="t", description="", protocols=protocols)[1]
+
+    recipe = parsed("--config", str(ROOT / "recipes" / "configs" / "finetune_paper.yaml"))
+    assert {k: getattr(recipe, k) for k in PAPER_PRESET} == PAPER_PRESET
+    cpu = parsed("--config", str(ROOT / "recipes" / "configs" / "finetune_cpu.yaml"), "--dataset", "d", "--output_dir", "o")
+    assert parsed("--protocol", "paper", "--dataset", "d", "--output_dir", "o").learning_rate == 1e-5 != cpu.learning_rate
+
+
+def test_soft_mask_weights_the_loss():
+    out = torch.tensor([[[[1.0, 2.0, 4.0]]]])  # [1, 1, 1, 3]
+    mask = torch.tensor([[[1.0, 0.5, 0.0]]])
+    # (1 * 1 + 2 * 0.5 + 4 * 0) / (1.5 weight * 1 channel)
+    assert masked_l1(out, torch.zeros_like(out), mask).item() == pytest.approx(2 / 1.5)
+
+
+def test_paper_targets_fine_tune_with_their_normalisation(tmp_path):
+    """A CLIP backbone on targets made with ImageNet normalisation and the soft mask: the saved model and its
+    processor record ImageNet's statistics (as a converted official checkpoint); asking for another is refused."""
+    torch.manual_seed(0)
+    clip = backbones.build_backbone(backbones.tiny_config("clip", patch_size=PATCH, hidden_size=32)).eval()
+    room = synthetic.make_room(3, num_views=4, height=32, width=48)
+    path = tmp_path / "targets"
+    render_targets([room], clip, path, target_source="single_view_blur", mask="soft", views="all", normalization="imagenet")
+    result = finetune(path, clip, tmp_path / "run", fast_config(max_steps=2))
+    assert result.training_info["normalization"] == "imagenet" and result.training_info["effective_batch_size"] == 2
+    saved = FiT3DModel.from_pretrained(result.output_dir)
+    assert backbones.normalization_of(saved.config) == "imagenet" and backbones.normalization_of(clip.config) == "family"
+    processor = AutoImageProcessor.from_pretrained(result.output_dir)
+    assert tuple(processor.image_mean) == backbones.IMAGENET_MEAN and tuple(processor.image_std) == backbones.IMAGENET_STD
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match="targets were made with 'imagenet' input normalisation"):
+        finetune(path, clip, tmp_path / "other", fast_config(max_steps=1, normalization="family"))

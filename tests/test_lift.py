@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,17 +16,18 @@ from safetensors.torch import load_file
 
 from fit3d_hf.backbones import build_backbone, tiny_config
 from fit3d_hf.lift import FeatureGaussians, LiftConfig, lift_scene, lift_scenes
-from fit3d_hf.lift.config import CPU_PRESET
+from fit3d_hf.lift.config import CPU_PRESET, PAPER_PRESET
 from fit3d_hf.lift.initialization import (
     camera_extent,
     initial_parameters,
+    initial_points,
     knn_scale,
     random_points_in_camera_bounds,
     visible_in_any_view,
 )
 from fit3d_hf.lift.loop import _make_strategy, _means_lr
 from fit3d_hf.lift.losses import training_loss
-from fit3d_hf.lift.views import load_views
+from fit3d_hf.lift.views import load_views, usable_views
 from fit3d_hf.scenes.synthetic import make_room
 from fit3d_hf.splatting.ssim import ssim_map
 
@@ -73,7 +75,13 @@ def lifted(tmp_path_factory):
     """One tiny lifted room shared by the read-only tests."""
     out = tmp_path_factory.mktemp("lifted")
     scene = tiny_room()
-    gaussians = lift_scene(scene, tiny_backbone(), tiny_config_for_tests(), output_dir=out, progress=False)
+    # Module fixtures run before the autouse one: one thread here too, so resumed runs compare bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gaussians = lift_scene(scene, tiny_backbone(), tiny_config_for_tests(), output_dir=out, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return scene, gaussians, out
 
 
@@ -116,9 +124,46 @@ def test_config_files_match_the_library_presets():
     cpu = parsed("lift_cpu.yaml")
     assert cpu == LiftConfig.cpu_preset()
     assert all(type(getattr(cpu, k)) is type(getattr(LiftConfig(), k)) for k in CPU_PRESET)
-    gpu = parsed("lift_scannetpp_gpu.yaml")
-    assert gpu == LiftConfig(backend="gsplat")
-    assert all(type(getattr(gpu, k)) is type(getattr(LiftConfig(), k)) for k in CPU_PRESET)
+    paper = parsed("lift_paper.yaml")
+    assert paper == LiftConfig.paper_preset(backend="gsplat")
+    assert all(type(getattr(paper, k)) is type(getattr(LiftConfig.paper_preset(), k)) for k in PAPER_PRESET)
+
+
+def test_paper_protocol_is_the_official_stage_one():
+    from fit3d_hf.commands import parse_args
+    from fit3d_hf.commands.lift import LiftArguments, main
+    from fit3d_hf.commands.scene_args import SceneArguments
+
+    paper = LiftConfig.paper_preset()
+    # The official data settings; every optimisation value is the defaults' (the official ones).
+    assert (paper.init_points, paper.train_on, paper.near_plane) == (0, "all", 0.2)
+    assert (paper.input_size_rule, paper.normalization) == ("floor", "imagenet")
+    assert {k: v for k, v in vars(paper).items() if k not in PAPER_PRESET} == {
+        k: v for k, v in vars(LiftConfig()).items() if k not in PAPER_PRESET
+    }
+    assert (LiftConfig().iterations, LiftConfig().reset_opacity_every, LiftConfig().lr_features) == (30_000, 3_000, 6.25e-5)
+
+    def parsed(*argv: str) -> LiftConfig:
+        protocols = {"paper": PAPER_PRESET, "cpu": CPU_PRESET}
+        args = (LiftArguments, LiftConfig, SceneArguments)
+        return parse_args(args, ["--output_dir", "unused", *argv], prog="test", description="", protocols=protocols)[1]
+
+    assert parsed("--protocol", "paper") == paper
+    assert parsed("--protocol=cpu") == LiftConfig.cpu_preset()
+    # --config and flags override the protocol's values.
+    assert parsed("--protocol", "paper", "--iterations", "10", "--near_plane", "0.5") == LiftConfig.paper_preset(
+        iterations=10, near_plane=0.5
+    )
+    with pytest.raises(SystemExit):
+        main(["--protocol", "unknown", "--output_dir", "unused"])
+
+
+def test_config_rejects_bad_data_settings():
+    for bad in (dict(init_points=-1), dict(train_on="test"), dict(near_plane=0.0), dict(input_size_rule="ceil")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LiftConfig(**bad)
+    with pytest.raises(ValueError, match="normalization"):
+        LiftConfig(normalization="clip")
 
 
 def test_structural_similarity_map():
@@ -244,7 +289,7 @@ def test_resume_gives_the_same_artifact_as_an_uninterrupted_run(lifted, tmp_path
     with pytest.raises(_Interrupt):
         lift_scene(scene, tiny_backbone(), config, output_dir=tmp_path, callback=_interrupt_at(12), progress=False)
     checkpoint_dir = tmp_path / ".checkpoints" / scene.scene_id
-    assert [p.name for p in checkpoint_dir.iterdir()] == ["step_0000010.pt"]
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["provenance.json", "step_0000010.pt"]
     assert not (tmp_path / f"{scene.scene_id}.safetensors").exists()
     lift_scene(scene, tiny_backbone(), config, output_dir=tmp_path, progress=False)
     report = json.loads((tmp_path / f"{scene.scene_id}.json").read_text())
@@ -264,7 +309,7 @@ def test_resume_with_another_backbone_width_fails_clearly(tmp_path):
     scene, config = tiny_room(), tiny_config_for_tests()
     with pytest.raises(_Interrupt):
         lift_scene(scene, tiny_backbone(32), config, output_dir=tmp_path, callback=_interrupt_at(6), progress=False)
-    with pytest.raises(ValueError, match=r"Cb=32.*Cb=48"):
+    with pytest.raises(ValueError, match=r"lifting checkpoint .* other settings .*backbone\.weights_sha256"):
         lift_scene(scene, tiny_backbone(48), config, output_dir=tmp_path, progress=False)
 
 
@@ -331,7 +376,9 @@ def test_lift_scenes_splits_and_skips(tmp_path, lifted):
     assert {r["backbone"] for r in first + second} == {"dinov2"}  # backbone_specs.backbone_name of an unnamed model
     again = lift_scenes(scenes, backbone, config, output_dir=tmp_path, process_index=0, num_processes=1)
     assert [r["status"] for r in again] == ["skipped"] * 3
-    with pytest.raises(ValueError, match="lifted with backbone"):
+    with pytest.raises(
+        ValueError, match=r"room_0000\.json was made with other settings .*lift_config\.feature_dim: 16 there, 8 now"
+    ):
         lift_scenes(scenes, backbone, tiny_config_for_tests(iterations=6, feature_dim=8), output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"\['room_0001'\] appear more than once"):
         lift_scenes([scenes[1], scenes[1]], backbone, config, output_dir=tmp_path / "other")
@@ -434,3 +481,70 @@ def test_lift_the_real_fox_capture(tmp_path, fox_path):
     report = json.loads((tmp_path / f"{scene.scene_id}.json").read_text())
     assert report["eval_split"] == "held-out"
     assert report["metrics"]["psnr"] > 12 and math.isfinite(report["metrics"]["feature_cosine"])
+
+
+def test_paper_protocol_lifts_every_view_from_every_point(tmp_path):
+    """The paper preset end to end on a tiny room: all points, all views, near plane and normalisation recorded."""
+    scene = tiny_room()
+    config = tiny_config_for_tests(**PAPER_PRESET, iterations=6, max_gaussians=0, refine_start=10**6)
+    gaussians = lift_scene(scene, tiny_backbone(), config, output_dir=tmp_path, progress=False)
+    report = json.loads((tmp_path / f"{scene.scene_id}.json").read_text())
+    assert report["num_train_views"] == scene.num_views and report["eval_split"] == "train"
+    assert gaussians.num_gaussians == len(scene.points) == 1500  # no densification ran: one Gaussian per point
+    assert report["normalization"] == "imagenet" and gaussians.metadata["normalization"] == "imagenet"
+    loaded = FeatureGaussians.load(tmp_path / f"{scene.scene_id}.safetensors")
+    assert loaded.near_plane == 0.2
+    # A rerun of another normalisation must not reuse these scenes.
+    with pytest.raises(ValueError, match="normalization 'imagenet'.*normalization 'family'"):
+        lift_scenes([scene], tiny_backbone(), replace(config, normalization="family"), output_dir=tmp_path)
+
+
+def test_initial_points_all_or_a_subset():
+    scene = tiny_room()
+    generator = torch.Generator().manual_seed(0)
+    points, colors = initial_points(scene, 0, generator)
+    assert torch.equal(points, scene.points) and torch.equal(colors, scene.point_colors)
+    subset, _ = initial_points(scene, 100, generator)
+    assert len(subset) == 100 and all((scene.points == p).all(-1).any() for p in subset[:5])
+    scene.points = None  # without points: random ones, as many as asked (random_points for "all")
+    assert len(initial_points(scene, 0, generator, random_points=50)[0]) == 50
+    assert len(initial_points(scene, 30, generator, random_points=50)[0]) == 30
+
+
+def test_usable_views_train_or_all():
+    scene = tiny_room()
+    train, test = usable_views(scene, holdout_every=8)
+    assert (train, test) == (scene.train_views, scene.test_views) and test
+    assert usable_views(scene, holdout_every=8, train_on="all") == (list(range(scene.num_views)), [])
+
+
+def test_backbone_input_is_floored_and_normalised_as_configured():
+    """876x584 -> 868x574 at patch 14 (floor, official) or 882x588 (nearest); ImageNet or the family's statistics."""
+    from fit3d_hf import backbones
+
+    assert backbones.input_size(584, 876, 14) == (574, 868) and (574 // 14, 868 // 14) == (41, 62)
+    assert backbones.input_size(584, 876, 14, rule="nearest") == (588, 882)
+    scene = tiny_room()  # 40x56: floor gives a 2x4 grid at patch 14, nearest 3x4
+    torch.manual_seed(0)
+    clip = build_backbone(tiny_config("clip", patch_size=14))
+    views = scene.train_views[:2]
+    assert load_views(scene, views, clip, 1).targets.shape[-2:] == (2, 4)
+    assert load_views(scene, views, clip, 1, size_rule="nearest").targets.shape[-2:] == (3, 4)
+    family = load_views(scene, views, clip, 1).targets
+    imagenet = load_views(scene, views, clip, 1, normalization="imagenet").targets
+    assert (family - imagenet).abs().max() > 1e-3
+    assert backbones.normalization_of(clip.config) == "family"  # the backbone itself is left unchanged
+    backbones.set_normalization(clip.config, "imagenet")
+    assert torch.equal(load_views(scene, views, clip, 1).targets, imagenet)
+
+
+def test_near_plane_culls_gaussians_in_front_of_it():
+    """One Gaussian 0.1 in front of the camera: rendered with near plane 0.01, not with the official 0.2."""
+    params = initial_parameters(torch.tensor([[0.0, 0.0, 0.1]]), None, sh_degree=0, feature_dim=4, opacity=0.9)
+    params["scales"] = torch.full((1, 3), math.log(0.05))
+    intrinsics = torch.tensor([[[20.0, 0, 16], [0, 20.0, 16], [0, 0, 1]]])
+    alphas = {}
+    for near in (0.01, 0.2):
+        gaussians = FeatureGaussians(params, torch.zeros(8, 4, 3, 3), {"near_plane": str(near)})
+        alphas[near] = gaussians.render(intrinsics, torch.eye(4)[None], 32, 32)[2].max().item()
+    assert alphas[0.01] > 0.5 and alphas[0.2] == 0

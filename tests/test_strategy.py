@@ -126,3 +126,25 @@ def test_cap_removes_the_least_opaque_gaussians():
     assert len(params["means"]) == 6 and len(state["grad2d"]) == 6
     assert sorted(params["opacities"].tolist()) == [-1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
     assert optimizers["means"].param_groups[0]["params"][0] is params["means"]
+
+
+def test_paper_pruning_is_the_official_rule_as_it_runs():
+    """After the first reset_every (3k) steps a refinement also prunes Gaussians larger than 0.1 x the scene scale
+    (the official densify_and_prune once size_threshold is set). A large screen radius alone prunes nothing: the
+    official radius > 20 px test reads max_radii2D after densification_postfix zeroed it."""
+    strategy = _make_strategy(LiftConfig.paper_preset())
+    assert (strategy.refine_scale2d_stop_iter, strategy.prune_scale3d, strategy.reset_every) == (0, 0.1, 3_000)
+    params, optimizers = _toy_params(3, opacity=0.5)
+    with torch.no_grad():
+        params["scales"][1] = math.log(0.5)  # 0.5 > 0.1 x scene scale 2
+    state = strategy.initialize_state(scene_scale=2.0)
+    info = _toy_info(3)
+    info["radii"][0, 2] = 1000  # Gaussian 2 covers the whole 64x48 image
+    strategy.step_post_backward(params, optimizers, state, 2_000, info)  # a refinement before the first reset
+    assert len(params["means"]) == 3
+    strategy.step_post_backward(params, optimizers, state, 3_100, _toy_info(3))
+    assert len(params["means"]) == 2 and (params["scales"] < math.log(0.2)).all()
+    info = _toy_info(2)
+    info["radii"][0, 1] = 1000
+    strategy.step_post_backward(params, optimizers, state, 3_200, info)
+    assert len(params["means"]) == 2

@@ -15,6 +15,7 @@ from fit3d_hf.lift.gaussians import FORMAT, FeatureGaussians
 from fit3d_hf.scenes import synthetic
 from fit3d_hf.targets import (
     METADATA_FILE,
+    PAPER_TARGETS,
     PREVIEW_MIN_LONG_SIDE,
     bytes_per_view,
     collate_training_rows,
@@ -339,7 +340,7 @@ def test_render_command(tmp_path, lifted, room, backbone, capsys):
     assert load_targets(tmp_path / "targets")[0]["image"].shape == (3, 64, 80)
     assert targets_metadata(dataset)["backbone"]["name_or_path"] == str(tmp_path / "backbone")
     assert "wrote 3 views" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="give both --image_height and --image_width"):
         render.main(["--output_dir", str(tmp_path / "x"), "--synthetic_rooms", "1", "--image_height", "64"])
 
 
@@ -376,3 +377,59 @@ def test_transparent_lift_warns_and_is_refused_for_training(tmp_path, room, back
     assert targets_metadata(dataset)["valid_fraction"] == {room.scene_id: 0.0}
     with pytest.raises(ValueError, match="no target cell of the dataset is valid"):
         check_dataset(dataset, backbone.config)
+
+
+def test_paper_targets_store_the_soft_mask_of_every_view(tmp_path, room, backbone, feature_vector, decoder_center):
+    """`PAPER_TARGETS`: every view, the scene mask bilinearly resized to the grid (float16), coverage not used."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    scene_mask = torch.ones(room.num_views, room.height, room.width)
+    scene_mask[:, :, :20] = 0  # a boundary between the two pixels a grid cell samples: a weight of 0.5
+    masked_room = dataclasses.replace(room, mask_data=scene_mask)
+    (tmp_path / "g").mkdir()
+    write_gaussians(tmp_path / "g", room, feature_vector, decoder_center)
+    # Gaussians that record no normalisation were lifted with the family's: the paper's ImageNet one is refused.
+    with pytest.raises(ValueError, match="lifted with 'family' input normalisation, not 'imagenet'"):
+        render_targets([masked_room], backbone, tmp_path / "t", gaussians_dir=tmp_path / "g", **PAPER_TARGETS)
+    path = tmp_path / "g" / f"{room.scene_id}.safetensors"
+    gaussians = FeatureGaussians.load(path)
+    gaussians.params["opacities"][: len(gaussians.params["opacities"]) // 2] = -8.0  # half of them transparent
+    FeatureGaussians(gaussians.params, gaussians.decoder_weight, {**gaussians.metadata, "normalization": "imagenet"}).save(path)
+    dataset = render_targets([masked_room], backbone, tmp_path / "t", gaussians_dir=tmp_path / "g", **PAPER_TARGETS)
+    assert dataset.num_rows == room.num_views and sorted(dataset["view_id"]) == list(range(room.num_views))
+    assert dataset.features["mask"] == datasets.Array2D((6, 8), "float16")
+    expected = F.interpolate(scene_mask[:1, None], size=(6, 8), mode="bilinear", align_corners=False)[0, 0]
+    for i in range(dataset.num_rows):
+        torch.testing.assert_close(dataset[i]["mask"].float(), expected, atol=1e-3, rtol=0)
+    assert ((expected > 0) & (expected < 1)).any() and (expected == 1).any()
+    metadata = targets_metadata(dataset)
+    assert metadata["normalization"] == "imagenet" and metadata["render"]["mask_kind"] == "soft"
+    assert metadata["bytes_per_view_uncompressed"] == bytes_per_view(WIDTH, 6, 8, mask="soft") == bytes_per_view(WIDTH, 6, 8) + 48
+
+
+def test_blur_control_normalises_as_asked(tmp_path, room):
+    torch.manual_seed(0)
+    clip = backbones.build_backbone(backbones.tiny_config("clip", patch_size=PATCH, hidden_size=WIDTH)).eval()
+    family = render_targets([room], clip, tmp_path / "family", target_source="single_view_blur")
+    imagenet = render_targets([room], clip, tmp_path / "imagenet", target_source="single_view_blur", normalization="imagenet")
+    assert targets_metadata(family)["normalization"] == "family" and targets_metadata(imagenet)["normalization"] == "imagenet"
+    assert (family[0]["target"].float() - imagenet[0]["target"].float()).abs().max() > 1e-2
+    assert backbones.normalization_of(clip.config) == "family"
+
+
+def test_render_command_paper_protocol(tmp_path, room, backbone, feature_vector, decoder_center):
+    from fit3d_hf.commands import render
+
+    (tmp_path / "g").mkdir()
+    write_gaussians(tmp_path / "g", room, feature_vector, decoder_center)
+    path = tmp_path / "g" / f"{room.scene_id}.safetensors"
+    gaussians = FeatureGaussians.load(path)
+    FeatureGaussians(gaussians.params, gaussians.decoder_weight, {**gaussians.metadata, "normalization": "imagenet"}).save(path)
+    backbone.save_pretrained(tmp_path / "backbone")
+    common = ["--backbone", str(tmp_path / "backbone"), "--gaussians_dir", str(tmp_path / "g"), "--synthetic_rooms", "1"]
+    common += ["--synthetic_views", "4", "--synthetic_height", "48", "--synthetic_width", "64"]
+    dataset = render.main(["--protocol", "paper", "--output_dir", str(tmp_path / "t"), *common])
+    assert dataset.num_rows == room.num_views and dataset.features["mask"].dtype == "float16"
+    assert targets_metadata(dataset)["render"]["views"] == "all"

@@ -27,15 +27,23 @@ def config_path(name: str) -> str:
     if shipped.is_file():
         return str(shipped)
     names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"--config {name}: no such file, and no shipped config of that name (shipped: {names})")
+    raise FileNotFoundError(f"--config {name}: No such file, and no shipped config of that name (shipped: {names})")
 
 
-def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: str, description: str) -> tuple[Any, ...]:
+def parse_args(
+    dataclass_types: tuple[type, ...],
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    protocols: dict[str, dict[str, Any]] | None = None,
+) -> tuple[Any, ...]:
     """Parse `argv` into instances of `dataclass_types`.
 
-    `--config FILE.yaml` (a flat mapping of field names) or `--config NAME` (a shipped config,
-    `config_path`) sets defaults; flags given on the command line override it. Unknown keys in the
-    YAML file are an error naming them.
+    `--protocol NAME` (when the command has `protocols`: name -> field values, e.g. "paper") sets
+    defaults; `--config FILE.yaml` (a flat mapping of field names) or `--config NAME` (a shipped
+    config, `config_path`) overrides them; flags given on
+    the command line override both. Unknown keys in the YAML file are an error naming them. A value
+    a dataclass refuses (its `__post_init__`) is a usage error (exit code 2), like a bad flag.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     # Raw formatting keeps the example commands in a command's description on their own lines.
@@ -47,33 +55,60 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None, prog: 
         default=None,
         help="YAML file of arguments, or the name of a shipped one (fit3d_hf/configs); flags override it.",
     )
-    config_file = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            parser.error("--config needs a file path")
-        config_file = argv[i + 1]
-        argv = argv[:i] + argv[i + 2 :]
-    elif any(a.startswith("--config=") for a in argv):
-        arg = next(a for a in argv if a.startswith("--config="))
-        config_file = arg.split("=", 1)[1]
-        argv = [a for a in argv if a is not arg]
+    if protocols:
+        parser.add_argument(
+            "--protocol",
+            default=None,
+            choices=sorted(protocols),
+            help="A named preset of the arguments (paper: the official FiT3D settings, docs/protocol.md); "
+            "--config and flags override it.",
+        )
+    protocol, argv = _pop_option(argv, "--protocol", parser) if protocols else (None, argv)
+    config_file, argv = _pop_option(argv, "--config", parser)
+    values = {}
+    if protocol is not None:
+        if protocol not in protocols:
+            parser.error(f"--protocol must be one of {sorted(protocols)}, got {protocol!r}")
+        values.update(protocols[protocol])
     if config_file is not None:
         try:
             config_file = config_path(config_file)
         except FileNotFoundError as error:
             parser.error(str(error))
-        with open(config_file) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(config_file) as f:
+                from_file = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as error:
+            parser.error(f"--config {config_file}: {error}")
+        if not isinstance(from_file, dict):
+            parser.error(f"--config {config_file}: expected a mapping of option names to values")
         known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(from_file) - known)
         if unknown:
             parser.error(f"{config_file}: unknown keys {unknown}")
+        values.update(from_file)
+    if values:
         parser.set_defaults(**values)
         # A required field given in the YAML file is no longer required on the command line.
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
-    outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
-    # The extra `--config` option comes back as a Namespace: drop it.
+    try:
+        outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    except ValueError as error:  # a dataclass's own check of the values (e.g. LiftConfig's)
+        parser.error(str(error))
+    # The extra `--config` (and `--protocol`) options come back as a Namespace: drop it.
     return tuple(o for o in outputs if not isinstance(o, argparse.Namespace))
+
+
+def _pop_option(argv: list[str], name: str, parser: argparse.ArgumentParser) -> tuple[str | None, list[str]]:
+    """The value of `name VALUE` or `name=VALUE` in `argv` (None when absent) and `argv` without it."""
+    if name in argv:
+        i = argv.index(name)
+        if i + 1 >= len(argv):
+            parser.error(f"{name} needs a value")
+        return argv[i + 1], argv[:i] + argv[i + 2 :]
+    arg = next((a for a in argv if a.startswith(name + "=")), None)
+    if arg is None:
+        return None, argv
+    return arg.split("=", 1)[1], [a for a in argv if a is not arg]

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 from fit3d_hf.commands import parse_args
-from fit3d_hf.finetune import FinetuneConfig
+from fit3d_hf.finetune import PAPER_PRESET, FinetuneConfig
 
 DESCRIPTION = """Fine-tune a backbone on rendered 3D-aware targets (FiT3D Stage II).
 
@@ -11,7 +11,9 @@ Trains the fine-tuned copy of a FiT3DModel with masked L1 on a targets dataset w
 `fit3d render`, then saves the whole FiT3DModel (both backbones), its image processor and a
 model card to --output_dir. Checkpoints go to <output_dir>/checkpoints/step_<N>; resume with
 --resume_from_checkpoint latest. Defaults are the paper's (AdamW lr 1e-5, wd 1e-4, clip 0.1,
-batch 2, flip 0.5, one epoch).
+batch 2, flip 0.5, one epoch, fp32), which `--protocol paper` pins. The paper's effective batch is 2
+(per-device batch x processes) at lr 1e-5: on N processes keep the product at 2, or scale the
+learning rate linearly with it (a deviation). The input is normalised as the targets were lifted.
 
 One process:      fit3d finetune --dataset targets --backbone embedded --output_dir fit3d-model
 Several / GPUs:   accelerate launch --config_file recipes/configs/accelerate_cpu_2proc.yaml \\
@@ -41,7 +43,13 @@ class FinetuneArguments:
 
 
 def main(argv: list[str] | None = None):
-    args, config = parse_args((FinetuneArguments, FinetuneConfig), argv, prog="fit3d finetune", description=DESCRIPTION)
+    args, config = parse_args(
+        (FinetuneArguments, FinetuneConfig),
+        argv,
+        prog="fit3d finetune",
+        description=DESCRIPTION,
+        protocols={"paper": PAPER_PRESET},
+    )
     from accelerate import PartialState
 
     from fit3d_hf import hub

@@ -3,6 +3,10 @@ r"""`fit3d lift`: Stage I, lift backbone features into feature Gaussians, one fi
     fit3d lift --config recipes/configs/lift_cpu.yaml --synthetic_rooms 2 --output_dir runs/lifted
     accelerate launch --config_file recipes/configs/accelerate_cpu_2proc.yaml recipes/lift.py \
         --config recipes/configs/lift_cpu.yaml --scenes data/scene_a data/scene_b --output_dir runs/lifted
+    accelerate launch recipes/lift.py --protocol paper --scenes <ScanNet++ scenes> --backbone <model> --output_dir runs/lifted
+
+`--protocol paper` is the official Stage I (`LiftConfig.paper_preset()`: every scene point, every
+view, near plane 0.2, ImageNet normalisation; docs/protocol.md), `--protocol cpu` the CPU preset.
 
 Under `accelerate launch` every process lifts its share of the scenes (round robin) with its own
 progress bar; the main process prints a summary table once all are done. Rerunning the same
@@ -13,7 +17,6 @@ minutes; nvcc of the CUDA major version torch was built with), once, in the main
 """
 
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +26,10 @@ from accelerate.utils import gather_object
 from fit3d_hf.backbone_specs import load_backbone_spec
 from fit3d_hf.commands import parse_args
 from fit3d_hf.commands.scene_args import SceneArguments, scenes_of
+from fit3d_hf.errors import InputError
+from fit3d_hf.io import check_output_folder
 from fit3d_hf.lift import LiftConfig, lift_scenes, summary_table
+from fit3d_hf.lift.config import CPU_PRESET, PAPER_PRESET
 from fit3d_hf.splatting import load_gsplat_extension, resolve_backend
 
 
@@ -36,13 +42,19 @@ class LiftArguments:
 
 def main(argv: list[str] | None = None) -> None:
     args, config, scene_args = parse_args(
-        (LiftArguments, LiftConfig, SceneArguments), argv, prog="fit3d lift", description=__doc__
+        (LiftArguments, LiftConfig, SceneArguments),
+        argv,
+        prog="fit3d lift",
+        description=__doc__,
+        protocols={"paper": PAPER_PRESET, "cpu": CPU_PRESET},
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Before the scenes are read (which verifies every image): an unusable folder is found at once.
+    check_output_folder(args.output_dir, what="--output_dir")
     accelerator = Accelerator()  # the device accelerate's config (accelerate launch) or detection chooses
     scenes = scenes_of(scene_args)
     if not scenes:
-        sys.exit("fit3d lift: no scenes given: pass --scenes FOLDER ... and/or --synthetic_rooms N")
+        raise InputError("no scenes given: pass --scenes FOLDER ... and/or --synthetic_rooms N")
     backbone, backbone_name = load_backbone_spec(scene_args.backbone, scene_args.seed)
     backbone.to(accelerator.device).requires_grad_(False)
     if resolve_backend(config.backend, accelerator.device, torch.float32) == "gsplat":

@@ -19,6 +19,14 @@ class SceneArguments:
     synthetic_width: int = field(default=160, metadata={"help": "Image width of the procedural rooms."})
     downscale: float = field(default=1.0, metadata={"help": "Load scene folders at their size divided by this (>= 1)."})
     skip_missing: bool = field(default=False, metadata={"help": "Go on without frames whose image file is missing (reported)."})
+    images: list[str] = field(
+        default_factory=list,
+        metadata={"help": "The images folder of each COLMAP folder in --scenes, in the same order (default: <scene>/images)."},
+    )
+    allow_external_paths: bool = field(
+        default=False,
+        metadata={"help": "Accept capture files (transforms.json, COLMAP) that name files outside the capture folder."},
+    )
     backbone: str = field(
         default="embedded",
         metadata={"help": BACKBONE_SPEC_HELP},
@@ -41,4 +49,6 @@ def scenes_of(args: SceneArguments) -> list:
         synthetic_views=args.synthetic_views,
         synthetic_height=args.synthetic_height,
         synthetic_width=args.synthetic_width,
+        images=args.images,
+        allow_external_paths=args.allow_external_paths,
     )

@@ -48,6 +48,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -58,10 +59,13 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from .. import __version__, backbones
-from ..backbone_specs import hub_id_of, load_backbone_spec
-from ..io import atomic_write, atomic_write_json
+from ..backbone_specs import hub_id_of, load_backbone_spec, load_fit3d_folder
+from ..errors import InputError, InputNotFoundError, ProvenanceError, ResultsError
+from ..finetune import TRAINING_INFO_FILE
+from ..io import atomic_write, atomic_write_json, check_output_folder, remove_stale_temporaries
 from ..modeling_fit3d import FiT3DModel
-from ..scenes import load_scene, synthetic
+from ..provenance import PROVENANCE_KEY, backbone_identity, check_backbone, check_source, hub_error, weight_files_sha256
+from ..scenes import IGNORE_LABEL, load_scene, synthetic
 from .correspondence import correspondence_recall, view_pairs
 from .data import PAPER_DATASETS, EvalDataset, from_hf_dataset, from_scenes, load_eval_dataset, load_hf_splits
 from .features import FEATURES_RULE, FeatureSource, extract_source_features, source_features, source_models, source_patch_size
@@ -760,7 +764,10 @@ class EvaluationArguments:
     blur_control: str | None = field(
         default=None, metadata={"help": "A FiT3DModel fine-tuned on single-view blurred targets (control ii)."}
     )
-    controls: bool = field(default=True, metadata={"help": "Add finetuned_only and concat_random controls."})
+    controls: bool = field(
+        default=True,
+        metadata={"help": "Include the finetuned_only and concat_random controls (--no_controls leaves them out)."},
+    )
     control_seed: int = field(default=1234, metadata={"help": "Seed of the random-init backbone of concat_random."})
     dataset: str = field(
         default="synthetic",
@@ -783,6 +790,9 @@ class EvaluationArguments:
         metadata={
             "help": "Scene folders with depth (`fit3d_hf.scenes.load_scene`) on which to measure correspondence recall too."
         },
+    )
+    allow_external_paths: bool = field(
+        default=False, metadata={"help": "Accept split files (paper datasets) that name files outside --data_root."}
     )
     hf_dataset: str | None = field(
         default=None,
@@ -807,8 +817,19 @@ def build_sources(args: EvaluationArguments) -> tuple[dict[str, FeatureSource], 
     concat_random   [original, a random-init backbone of the same size] (`args.controls`)
     blur_control    the fine-tuned backbone of `args.blur_control` alone
     """
-    model = FiT3DModel.from_pretrained(args.model)
+    model = load_fit3d_folder(args.model, "--model")
+    _check_model_record(model, args.model)
     original, baseline_name = load_backbone_spec(args.baseline, args.control_seed) if args.baseline else (model.original, None)
+    if args.baseline:
+        check_backbone(
+            backbone_identity(model.original),
+            backbone_identity(original),
+            artifact=f"--model {args.model} (its original backbone)",
+            fix=(
+                "leave --baseline out (the model's own original backbone is the baseline), or pass the backbone it "
+                "was fine-tuned from (and its --control_seed, for a random one)"
+            ),
+        )
     sources = {"original": original, "fit3d": model}
     roles = {"original": "baseline", "fit3d": "fit3d"}
     descriptions = {
@@ -823,11 +844,94 @@ def build_sources(args: EvaluationArguments) -> tuple[dict[str, FeatureSource], 
         descriptions["finetuned_only"] = "control: the fine-tuned backbone alone (same width as the baseline)"
         descriptions["concat_random"] = f"control: [original, random-init backbone of the same size (seed {args.control_seed})]"
     if args.blur_control:
-        sources["blur_control"] = FiT3DModel.from_pretrained(args.blur_control).finetuned
+        blur_model = load_fit3d_folder(args.blur_control, "--blur_control")
+        _check_model_record(blur_model, args.blur_control)
+        check_backbone(
+            backbone_identity(model.original),
+            backbone_identity(blur_model.original),
+            artifact=f"--model {args.model} (its original backbone)",
+            fix=f"pass as --blur_control a model fine-tuned from the same backbone as --model (not {args.blur_control})",
+        )
+        sources["blur_control"] = blur_model.finetuned
         descriptions["blur_control"] = f"control: fine-tuned on single-view blurred targets ({args.blur_control}), alone"
     for name in sources:
         roles.setdefault(name, "control")
     return sources, roles, descriptions
+
+
+def _check_model_record(model: FiT3DModel, path: str) -> None:
+    """Refuse a model folder whose weights are not the ones its `fit3d_finetune.json` records
+    (a folder modified or assembled from two runs); converted models record none."""
+    record = Path(path) / TRAINING_INFO_FILE
+    if not record.is_file():
+        return
+    info = json.loads(record.read_text())
+    recorded = {
+        "original": (info.get(PROVENANCE_KEY) or {}).get("backbone", {}).get("weights_sha256"),
+        "finetuned": (info.get("rank_checksums") or [None])[0],
+    }
+    for half, checksum in recorded.items():
+        if checksum is not None and checksum != backbones.weights_checksum(getattr(model, half)):
+            raise ProvenanceError(
+                f"--model {path}: its {half} backbone's weights are not the ones {record.name} records "
+                f"({checksum[:12]}…); the folder was changed after `fit3d finetune` wrote it. Fine-tune again, or use "
+                "the folder as fine-tuning wrote it"
+            )
+
+
+def _check_results(results: dict, config: BenchmarkConfig) -> None:
+    """Refuse results that are empty or hold a value that is not a number (NaN), naming the rows."""
+    rows = results["results"]
+    if not rows:
+        raise ResultsError(f"the benchmark produced no results for the tasks {config.tasks}: the dataset has none of them")
+    bad = [row for row in rows if not all(math.isfinite(value) for value in row["values"])]
+    if bad:
+        listed = ", ".join(sorted({f"{row['source']}: {row['task']} {row['metric']}" for row in bad}))
+        raise ResultsError(
+            f"{len(bad)} result(s) are not numbers ({listed}). A depth metric is NaN when no test pixel has valid "
+            "ground truth (check --depth_scale, --max_depth and the depth column); a segmentation metric when no "
+            "test pixel is labelled. Nothing was written; features and finished probe runs are cached in "
+            f"{config.cache_dir}, so a rerun with other --tasks reports the rest quickly"
+        )
+
+
+def _check_hf_split(data, split: str, column: str, path: str) -> None:
+    """Refuse a `datasets` folder without the split `split`, saying what the folder holds."""
+    from datasets import DatasetDict
+
+    if not isinstance(data, DatasetDict):
+        raise InputError(
+            f"--hf_dataset {path} is a single dataset without splits; save a DatasetDict with a training and a test "
+            f"split (names given by --hf_train_split / --hf_test_split)"
+        )
+    if split not in data:
+        raise InputError(
+            f"--hf_dataset {path} has no split {split!r} (its splits: {sorted(data)}); pass {column} with one of them"
+        )
+
+
+def _check_hf_labels(data: EvalDataset, split: str, args: EvaluationArguments) -> None:
+    """Before any work: labels inside [0, num_labels) (or 255) and some valid depth, in an hf split."""
+    has_depth = False
+    for index in range(len(data)):
+        item = data[index]
+        if "semantics" in item:
+            labels = item["semantics"]
+            bad = labels[(labels != IGNORE_LABEL) & ((labels < 0) | (labels >= data.num_labels))]
+            if bad.numel():
+                raise InputError(
+                    f"--hf_dataset {args.hf_dataset} split {split!r}, row {index}: labels {bad.unique()[:10].tolist()} "
+                    f"in --semantics_column {args.semantics_column} are outside 0..{data.num_labels - 1} "
+                    f"(255 = ignore); give --num_labels large enough"
+                )
+        if "depth_m" in item:
+            has_depth = has_depth or bool(data.eval_mask(item["depth_m"]).any())
+    if data.has_depth and not has_depth:
+        raise InputError(
+            f"--hf_dataset {args.hf_dataset} split {split!r}: no pixel of --depth_column {args.depth_column} is a valid "
+            f"depth (between {data.min_depth} and --max_depth {data.max_depth} m after dividing by --depth_scale "
+            f"{args.depth_scale}); check those options"
+        )
 
 
 def _paper_tasks(args: EvaluationArguments, config: BenchmarkConfig) -> list[str]:
@@ -850,26 +954,42 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
     "auto" (the default) chooses between the two by the dataset.
     """
     if args.dataset == "hf" and args.hf_dataset is None:
-        raise ValueError("EvaluationArguments: dataset 'hf' needs hf_dataset (a save_to_disk folder, a data folder or a Hub id)")
+        raise InputError("EvaluationArguments: dataset 'hf' needs hf_dataset (a save_to_disk folder, a data folder or a Hub id)")
     # `datasets` data: --dataset hf --hf_dataset X, or --dataset <Hub id>
     hf_source = args.hf_dataset if args.dataset == "hf" else hub_id_of(args.dataset)
     paper = args.dataset != "synthetic" and hf_source is None
     if paper and args.dataset not in PAPER_DATASETS:
-        raise ValueError(
+        raise InputError(
             f"EvaluationArguments: unknown dataset {args.dataset!r}; known: synthetic, hf, {', '.join(PAPER_DATASETS)}, "
             "or a Hub dataset id (namespace/name)"
         )
     if paper and args.data_root is None:
-        raise ValueError(f"EvaluationArguments: dataset {args.dataset!r} needs data_root")
+        raise InputError(f"EvaluationArguments: dataset {args.dataset!r} needs data_root")
     if paper and not _paper_tasks(args, config):
-        raise ValueError(f"EvaluationArguments: dataset {args.dataset!r} has none of the tasks {config.tasks}")
+        raise InputError(f"EvaluationArguments: dataset {args.dataset!r} has none of the tasks {config.tasks}")
     if not paper and config.protocol == "paper":
-        raise ValueError(
+        raise InputError(
             f"BenchmarkConfig: protocol 'paper' runs the official pipelines of the paper datasets ({', '.join(PAPER_DATASETS)}); "
-            f"dataset {args.dataset!r} has none: use protocol 'fixed' (e.g. --config recipes/configs/evaluate_synthetic_cpu.yaml)"
+            f"dataset {args.dataset!r} has none: use protocol 'fixed' or 'auto' (e.g. --config recipes/configs/evaluate_synthetic_cpu.yaml)"
         )
+    check_output_folder(args.output_dir, what="the evaluation output folder")
     if config.cache_dir is None:
         config = replace(config, cache_dir=os.path.join(args.output_dir, "cache"))
+    for folder in (args.output_dir, *(os.path.join(config.cache_dir, part) for part in ("features", "runs"))):
+        remove_stale_temporaries(folder)
+    hf_data = None
+    if hf_source is not None:
+        check_source(hf_source, "--hf_dataset")
+        if os.path.exists(hf_source) and not os.path.isdir(hf_source):
+            raise InputNotFoundError(f"--hf_dataset {hf_source}: not a folder (a save_to_disk folder, a data folder or a Hub id)")
+        try:
+            hf_data = load_hf_splits(hf_source)
+        except (OSError, ValueError) as error:  # not cached offline, no such repo, no data files
+            if os.path.isdir(hf_source):
+                raise InputError(f"--hf_dataset {hf_source}: not a dataset folder ({error})") from error
+            raise hub_error(hf_source, "--hf_dataset", error) from error
+        for split, option in ((args.hf_train_split, "--hf_train_split"), (args.hf_test_split, "--hf_test_split")):
+            _check_hf_split(hf_data, split, option, hf_source)
     sources, roles, descriptions = build_sources(args)
     accelerator = Accelerator()  # the device accelerate's config or detection chooses
     kwargs = dict(roles=roles, descriptions=descriptions, accelerator=accelerator)
@@ -882,8 +1002,8 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
         test = synthetic.make_rooms(args.num_test_scenes, seed=args.scene_seed + args.num_train_scenes, **size)
         kwargs["correspondence_scenes"] = test + loaded
         results = benchmark_on_scenes(sources, train, test, config, **kwargs)
-    elif hf_source is not None:
-        data = load_hf_splits(hf_source)
+    elif hf_data is not None:
+        data = hf_data
         columns = dict(
             image_column=args.image_column,
             semantics_column=args.semantics_column,
@@ -896,13 +1016,16 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
         name = hub_id_of(hf_source) or os.path.basename(os.path.normpath(hf_source))
         train = from_hf_dataset(data[args.hf_train_split], name=name, **columns)
         test = from_hf_dataset(data[args.hf_test_split], name=name, **columns)
+        for split, split_data in ((args.hf_train_split, train), (args.hf_test_split, test)):
+            _check_hf_labels(split_data, split, args)
         results = run_benchmark(sources, train, test, config, **kwargs)
     else:
         # the paper sets keep each task's images apart: one benchmark per task, merged
         results = None
         for task in _paper_tasks(args, config):
-            train = load_eval_dataset(args.dataset, args.data_root, "train", task)
-            test = load_eval_dataset(args.dataset, args.data_root, "test", task)
+            allow = {"allow_external_paths": args.allow_external_paths}
+            train = load_eval_dataset(args.dataset, args.data_root, "train", task, **allow)
+            test = load_eval_dataset(args.dataset, args.data_root, "test", task, **allow)
             part = run_benchmark(sources, train, test, config, **kwargs)
             kwargs.pop("correspondence_scenes", None)  # measured once, with the first task
             if results is None:
@@ -911,6 +1034,14 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
                 results["results"] += part["results"]
                 if part["protocol"]["pipelines"]:
                     results["protocol"]["pipelines"] |= part["protocol"]["pipelines"]
+    _check_results(results, config)
+    results[PROVENANCE_KEY] = {
+        "model": {
+            "path": args.model,
+            "weight_files_sha256": weight_files_sha256(args.model) if os.path.isdir(args.model) else None,
+        },
+        "sources": {name: [backbone_identity(m) for m in source_models(source)] for name, source in sources.items()},
+    }
     if accelerator.is_main_process:
         json_path, md_path = write_report(results, args.output_dir)
         print(md_path.read_text())

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from ..scenes.images import IMAGE_SUFFIXES
+from ..scenes.paths import inside
 from .pipelines import PAPER_PIPELINES, Pipeline
 
 
@@ -185,10 +186,12 @@ def split_file_depth(
     eval_crop: str | None = None,
     image_dir: str = "",
     depth_dir: str = "",
+    allow_external_paths: bool = False,
 ) -> EvalDataset:
     """Depth set listed in `root/split_file`, one "rgb_path depth_path [focal]" line per image,
-    paths relative to `root/image_dir` and `root/depth_dir` (a leading slash is dropped); lines
-    whose depth is "None" are skipped, as in the depth toolbox (KITTI's Eigen split has some)."""
+    paths relative to `root/image_dir` and `root/depth_dir` (a leading slash is dropped) and inside
+    `root` unless `allow_external_paths` (`scenes.paths.inside`); lines whose depth is "None" are
+    skipped, as in the depth toolbox (KITTI's Eigen split has some)."""
     root = Path(root)
     split_path = root / split_file
     if not split_path.is_file():
@@ -202,7 +205,17 @@ def split_file_depth(
             raise ValueError(f"{split_path}:{number}: expected 'rgb_path depth_path [focal]', got {line!r}")
         if fields[1] == "None":
             continue
-        image, depth = root / image_dir / fields[0].lstrip("/\\"), root / depth_dir / fields[1].lstrip("/\\")
+        image, depth = (
+            inside(
+                root,
+                root / folder,
+                entry.lstrip("/\\"),
+                source=f"{split_path}:{number}",
+                what=what,
+                allow_external_paths=allow_external_paths,
+            )
+            for entry, folder, what in ((fields[0], image_dir, "rgb path"), (fields[1], depth_dir, "depth path"))
+        )
         for path in (image, depth):
             if not path.is_file():
                 raise FileNotFoundError(f"{split_path}:{number}: file not found: {path}")
@@ -255,9 +268,12 @@ PAPER_DATASETS: dict[str, dict[str, dict]] = {
 }
 
 
-def load_eval_dataset(name: str, root: str | os.PathLike, split: str, task: str) -> EvalDataset:
+def load_eval_dataset(
+    name: str, root: str | os.PathLike, split: str, task: str, *, allow_external_paths: bool = False
+) -> EvalDataset:
     """One of the paper's evaluation sets (see the table above) from its standard layout, with its
-    official probe pipeline for `task` (`EvalDataset.pipelines`)."""
+    official probe pipeline for `task` (`EvalDataset.pipelines`); the files its split files name
+    must lie inside `root` unless `allow_external_paths`."""
     if name not in PAPER_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(PAPER_DATASETS)} (or use from_hf_dataset)")
     if task not in PAPER_DATASETS[name]:
@@ -267,13 +283,17 @@ def load_eval_dataset(name: str, root: str | os.PathLike, split: str, task: str)
     spec = dict(PAPER_DATASETS[name][task])
     if task == "depth":
         files = spec.pop("files")
-        data = split_file_depth(root, files[split], name=name, **spec)
+        data = split_file_depth(root, files[split], name=name, allow_external_paths=allow_external_paths, **spec)
     elif name == "voc2012":
         root = Path(root)
         split_path = root / "ImageSets" / "Segmentation" / ("train.txt" if split == "train" else "val.txt")
         if not split_path.is_file():
             raise FileNotFoundError(f"voc2012: split file not found: {split_path}")
         stems = split_path.read_text().split()
+        for stem in stems:
+            inside(
+                root, root / "JPEGImages", stem, source=str(split_path), what="entry", allow_external_paths=allow_external_paths
+            )
         data = mmseg_segmentation(root, "JPEGImages", "SegmentationClass", name=name, stems=stems, **spec)
     else:
         data = mmseg_segmentation(root, *_MMSEG_SPLITS[split], name=name, **spec)

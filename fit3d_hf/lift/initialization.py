@@ -7,6 +7,7 @@ import torch
 from ..scenes.geometry import project
 from ..scenes.scene import Scene
 from ..splatting._torch_backend import SH_C0
+from .config import RANDOM_INIT_POINTS
 
 
 def camera_extent(centers: torch.Tensor) -> float:
@@ -105,18 +106,33 @@ def initial_parameters(
     return params
 
 
-def initial_points(scene: Scene, num_points: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+def initial_points(
+    scene: Scene, num_points: int, generator: torch.Generator, random_points: int = RANDOM_INIT_POINTS
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Where lifting starts: the scene's points, or random points in its camera bounds.
 
+    Args:
+        num_points: at most this many scene points, a random subset; 0 for all of them (the official
+            initialisation from the whole point cloud). Also the number of random points of a scene
+            without points, `random_points` when 0.
+
     Returns:
-        points `[P, 3]` (a random subset of at most `num_points` scene points, in their order) and
-        their colours `[P, 3]` (None when the scene has none, or for random points).
+        points `[P, 3]` (scene points in their order) and their colours `[P, 3]` (None when the
+        scene has none, or for random points).
     """
     if scene.points is not None and len(scene.points) > 0:
+        if num_points == 0:
+            return scene.points, scene.point_colors
         keep = torch.randperm(len(scene.points), generator=generator)[:num_points].sort().values
         colors = None if scene.point_colors is None else scene.point_colors[keep]
         return scene.points[keep], colors
     points = random_points_in_camera_bounds(
-        num_points, scene.camera_centers, scene.intrinsics, scene.world_to_camera, scene.width, scene.height, generator
+        num_points or random_points,
+        scene.camera_centers,
+        scene.intrinsics,
+        scene.world_to_camera,
+        scene.width,
+        scene.height,
+        generator,
     )
     return points, None

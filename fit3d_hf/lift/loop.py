@@ -1,5 +1,6 @@
 """`lift_scene` and `lift_scenes`: prepare a scene's views, start or resume, train, evaluate and write the artifact."""
 
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbone_specs import backbone_name
-from ..io import atomic_write_json
+from ..backbones import normalization_of
+from ..errors import InputError, ResultsError
+from ..io import atomic_write_json, check_output_folder, folder_lock, remove_stale_temporaries
+from ..provenance import PROVENANCE_KEY, backbone_identity, check_provenance
 from ..scenes.scene import Scene
 from ..splatting import CappedDefaultStrategy, load_gsplat_extension, resolve_backend
 from .config import LiftConfig
@@ -22,7 +26,15 @@ from .evaluation import evaluate
 from .gaussians import FORMAT, FeatureGaussians
 from .initialization import camera_extent, initial_parameters, initial_points
 from .losses import training_loss
-from .state import LiftState, checkpoint_dir, latest_checkpoint, remove_checkpoints
+from .state import (
+    LiftState,
+    check_resume,
+    checkpoint_dir,
+    latest_checkpoint,
+    lift_provenance,
+    remove_checkpoints,
+    write_run_record,
+)
 from .views import Views, load_views, usable_views
 
 logger = logging.getLogger(__name__)
@@ -50,7 +62,7 @@ def lift_scene(
         scene: a `fit3d_hf.scenes.Scene` (train views are fitted, test views are held out).
         backbone: a frozen backbone of any family (or a FiT3DModel), see `backbones.extract_features`;
             the artifact records `backbone_specs.backbone_name(backbone)`.
-        config: hyper-parameters (`LiftConfig()` official, `LiftConfig.cpu_preset()` for CPU).
+        config: hyper-parameters (`LiftConfig.paper_preset()` the official run, `LiftConfig.cpu_preset()` for CPU).
         output_dir: where `<scene_id>.safetensors` and `<scene_id>.json` are written.
         seed: seeds the initialisation, the view order and densification.
         callback: called as `callback(step, params)` after each finished step (and its checkpoint).
@@ -60,12 +72,16 @@ def lift_scene(
         The lifted `FeatureGaussians` (also written to `<output_dir>/<scene_id>.safetensors`).
 
     Raises:
-        ValueError: no usable training view; a checkpoint made with another backbone width or D.
+        ValueError: no usable training view; no initial Gaussian (`init_points` 0).
+        ProvenanceError: a checkpoint started with another backbone, seed or settings (`state.check_resume`).
+        ResultsError: every Gaussian was pruned.
         RuntimeError: backend "gsplat" that cannot run here (the message says how to fix it).
         FloatingPointError: the loss or the parameters became NaN/inf, found by the check every
             `config.check_every` steps and before each checkpoint (the last good checkpoint is kept).
     """
-    output_dir = Path(output_dir)
+    _check_config(config)
+    output_dir = check_output_folder(output_dir, what="the lifting output folder")
+    provenance = lift_provenance(scene, backbone, config, seed)
     started = time.perf_counter()
     device = next(backbone.parameters()).device
     backend = resolve_backend(config.backend, device, torch.float32)
@@ -78,7 +94,7 @@ def lift_scene(
     checkpoints = checkpoint_dir(output_dir, scene.scene_id)
     # The run draws from its own RNG stream (seeded, or restored from the checkpoint); the caller's is left alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        state = _start_or_resume(scene, backbone, config, train, extent, strategy, checkpoints, seed)
+        state = _start_or_resume(scene, backbone, config, train, extent, strategy, checkpoints, seed, provenance)
         resumed_from = state.step
         bar = tqdm(
             total=config.iterations,
@@ -93,6 +109,11 @@ def lift_scene(
         bar.close()
 
     _check_finite(state, scene.scene_id, config.iterations, checkpoints)
+    if len(state.params["means"]) == 0:
+        raise ResultsError(
+            f"scene {scene.scene_id!r}: no Gaussian is left after {config.iterations} steps (all were pruned); "
+            "lower prune_opacity or check the scene's cameras and masks"
+        )
     metadata = {
         "format": FORMAT,
         "scene_id": scene.scene_id,
@@ -101,12 +122,16 @@ def lift_scene(
         "out_dim": str(state.decoder_weight.shape[0]),
         "sh_degree": str(config.sh_degree),
         "iterations": str(config.iterations),
+        "near_plane": str(config.near_plane),
+        "normalization": _normalization(backbone, config),
+        PROVENANCE_KEY: json.dumps(provenance),
     }
     gaussians = FeatureGaussians(state.params, state.decoder_weight, metadata)
     report = _evaluate_and_report(
         gaussians, train, test, state, config, backend=backend,
         seed=seed, resumed_from=resumed_from, seconds=seconds, features_seconds=features_seconds, started=started,
     )  # fmt: skip
+    report[PROVENANCE_KEY] = provenance
     gaussians.save(output_dir / f"{scene.scene_id}.safetensors")
     # The JSON is written last: its presence marks the scene as finished.
     atomic_write_json(output_dir / f"{scene.scene_id}.json", report)
@@ -127,8 +152,11 @@ def lift_scenes(
 ) -> list[dict]:
     """Lift this process's share of `scenes` (every `num_processes`-th one from `process_index`).
 
-    A scene whose artifact is already in `output_dir` is skipped — unless it was lifted with another
-    backbone or D (ValueError).
+    A scene whose artifact is already in `output_dir` is skipped, and an interrupted one resumes
+    from its checkpoint. Before any work, every scene's artifact and checkpoint in `output_dir` is
+    checked against this run's provenance (backbone, seed, settings, scene): one made otherwise is
+    a `ProvenanceError` naming both. Process 0 holds `output_dir`'s lock (`io.folder_lock`) while it
+    lifts, so a second run into the same folder is refused.
 
     Args:
         scenes: the scenes of the run (`fit3d_hf.scenes.load_scenes`), the same list in every process.
@@ -141,32 +169,64 @@ def lift_scenes(
     """
     repeated = sorted(scene_id for scene_id, count in Counter(scene.scene_id for scene in scenes).items() if count > 1)
     if repeated:
-        raise ValueError(f"scene ids {repeated} appear more than once: every scene's artifact is named after its id")
-    name = backbone_name(backbone)
-    reports = []
-    own = list(scenes)[process_index::num_processes]
-    for scene in tqdm(own, desc=f"process {process_index}: scenes", position=2 * process_index, dynamic_ncols=True):
-        report = _finished_report(output_dir, scene.scene_id)
-        if report is not None:
-            if (report["backbone"], report["feature_dim"]) != (name, config.feature_dim):
-                raise ValueError(
-                    f"{Path(output_dir) / scene.scene_id}.json was lifted with backbone {report['backbone']!r}, "
-                    f"D={report['feature_dim']}, not {name!r}, D={config.feature_dim}: use another output_dir or delete it"
-                )
-            reports.append({**report, "status": "skipped"})
-            continue
-        lift_scene(scene, backbone, config, output_dir=output_dir, seed=seed, progress_position=2 * process_index + 1)
-        reports.append({**_finished_report(output_dir, scene.scene_id), "status": "lifted"})
+        raise InputError(f"scene ids {repeated} appear more than once: every scene's artifact is named after its id")
+    _check_config(config)
+    output_dir = check_output_folder(output_dir, what="the lifting output folder")
+    identity = backbone_identity(backbone)
+    for scene in scenes:
+        _check_existing(output_dir, scene, lift_provenance(scene, backbone, config, seed, identity))
+    # One lock per run: process 0 holds it, the other processes of the run share the folder.
+    lock = folder_lock(output_dir, what="the lifting output folder") if process_index == 0 else contextlib.nullcontext()
+    with lock:
+        remove_stale_temporaries(output_dir)
+        reports = []
+        own = list(scenes)[process_index::num_processes]
+        for scene in tqdm(own, desc=f"process {process_index}: scenes", position=2 * process_index, dynamic_ncols=True):
+            report = _finished_report(output_dir, scene.scene_id)
+            if report is not None:
+                reports.append({**report, "status": "skipped"})
+                continue
+            lift_scene(scene, backbone, config, output_dir=output_dir, seed=seed, progress_position=2 * process_index + 1)
+            reports.append({**_finished_report(output_dir, scene.scene_id), "status": "lifted"})
     return reports
+
+
+def _check_config(config: LiftConfig) -> None:
+    """Refuse settings that would lift nothing."""
+    if config.init_points < 1:
+        raise InputError(f"init_points is {config.init_points}: lifting starts from at least one Gaussian; give init_points >= 1")
+
+
+def _check_existing(output_dir: Path, scene: Scene, provenance: dict) -> None:
+    """Refuse a finished artifact or a checkpoint of `scene` in `output_dir` made with other provenance."""
+    report = _finished_report(output_dir, scene.scene_id)
+    if report is not None:
+        check_provenance(
+            report.get(PROVENANCE_KEY),
+            provenance,
+            artifact=f"the lifted scene {output_dir / scene.scene_id}.json",
+            fix=(
+                f"lift into another --output_dir, or delete {scene.scene_id}.safetensors and {scene.scene_id}.json "
+                "there to lift the scene again with these settings"
+            ),
+        )
+    elif latest_checkpoint(checkpoint_dir(output_dir, scene.scene_id)) is not None:
+        check_resume(checkpoint_dir(output_dir, scene.scene_id), provenance)
 
 
 def _prepare_views(scene: Scene, backbone: torch.nn.Module, config: LiftConfig) -> tuple[Views, Views | None]:
     """The training views and the held-out ones (None when the scene has none), with their backbone targets."""
-    train_ids, test_ids = usable_views(scene, config.holdout_every)
+    train_ids, test_ids = usable_views(scene, config.holdout_every, config.train_on)
     backbone.eval()
-    train = load_views(scene, train_ids, backbone, config.render_downscale)
-    test = load_views(scene, test_ids, backbone, config.render_downscale) if test_ids else None
+    options = dict(size_rule=config.input_size_rule, normalization=config.normalization)
+    train = load_views(scene, train_ids, backbone, config.render_downscale, **options)
+    test = load_views(scene, test_ids, backbone, config.render_downscale, **options) if test_ids else None
     return train, test
+
+
+def _normalization(backbone: torch.nn.Module, config: LiftConfig) -> str:
+    """How the backbone's input is normalised: `config.normalization`, else what the backbone's config records."""
+    return config.normalization or normalization_of(backbone.config)
 
 
 def _make_strategy(config: LiftConfig) -> CappedDefaultStrategy:
@@ -192,12 +252,16 @@ def _start_or_resume(
     strategy: CappedDefaultStrategy,
     checkpoints: Path,
     seed: int,
+    provenance: dict,
 ) -> LiftState:
-    """The state of the latest checkpoint in `checkpoints` (and its RNG), else a fresh one drawn from `seed`."""
+    """The state of the latest checkpoint in `checkpoints` (and its RNG) when it was started with
+    `provenance` (`state.check_resume`), else a fresh one drawn from `seed`."""
     device = next(backbone.parameters()).device
     out_dim = train.targets.shape[1]
+    remove_stale_temporaries(checkpoints)
     checkpoint = latest_checkpoint(checkpoints)
     if checkpoint is None:
+        write_run_record(checkpoints, provenance)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         points, colors = initial_points(scene, config.init_points, generator)
@@ -206,14 +270,8 @@ def _start_or_resume(
         decoder = torch.nn.Conv2d(config.feature_dim, out_dim, 3, padding=1, bias=False)
         state = LiftState.start(params, decoder.weight, strategy.initialize_state(scene_scale=extent), config, extent, device)
     else:
+        check_resume(checkpoints, provenance)
         state = LiftState.load(checkpoint, config, extent, device)
-        saved_out_dim, saved_dim = state.decoder_weight.shape[:2]
-        if (saved_out_dim, saved_dim) != (out_dim, config.feature_dim):
-            raise ValueError(
-                f"{checkpoint}: decoder maps D={saved_dim} to Cb={saved_out_dim} channels, but backbone "
-                f"{backbone_name(backbone)!r} gives Cb={out_dim} and feature_dim is {config.feature_dim}; "
-                f"resume with the backbone and D it was started with, or delete {checkpoints}"
-            )
         logger.info("scene %r: resuming from %s", scene.scene_id, checkpoint)
     strategy.check_sanity(state.params, state.optimizers)
     return state
@@ -304,6 +362,7 @@ def _evaluate_and_report(
     return {
         "scene_id": gaussians.metadata["scene_id"],
         "backbone": gaussians.metadata["backbone"],
+        "normalization": gaussians.metadata["normalization"],
         "feature_dim": config.feature_dim,
         "out_dim": gaussians.out_dim,
         "iterations": config.iterations,

@@ -54,6 +54,7 @@ def training_loss(
         config.backend,
         # The lifting loop checks the parameters every `config.check_every` steps instead of every call.
         check_finite=False,
+        near_plane=config.near_plane,
     )
     rgb = renders.permute(0, 3, 1, 2)
     l1 = masked_mean((rgb - image).abs(), mask)

@@ -14,18 +14,29 @@ reads back:
     rng_cpu, rng_cuda  the global RNG states (rng_cuda None on CPU): densification draws from them
     train_seconds    float, training time so far
     loss_history     [step] float64, the loss of every step so far
+
+Beside the checkpoints, `provenance.json` (`lift_provenance`) records what the scene was started
+with: the backbone's identity, the seed, the Stage I settings and the scene. A run resumes a
+checkpoint only when its own provenance is the same (`check_resume`); the lifted artifact records
+it too, so that `render_targets` can check the Gaussians against the backbone it is given.
 """
 
+import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..io import atomic_write
+from ..io import atomic_write, atomic_write_json
+from ..provenance import backbone_identity, check_provenance, scene_fingerprint
 from .config import LiftConfig
+
+PROVENANCE_FILE = "provenance.json"
+# LiftConfig fields that leave the lifted Gaussians unchanged: a run may resume with other values of these.
+RESULT_INDEPENDENT_FIELDS = ("checkpoint_every", "keep_checkpoints")
 
 
 @dataclass
@@ -147,3 +158,40 @@ def _optimizers(
     }
     optimizers = {name: torch.optim.Adam([param], lr=lrs[name], eps=1e-15) for name, param in params.items()}
     return optimizers, torch.optim.Adam([decoder_weight], lr=config.lr_decoder, eps=1e-15)
+
+
+def lift_provenance(scene, backbone: torch.nn.Module, config: LiftConfig, seed: int, identity: dict | None = None) -> dict:
+    """What a scene's lifting depends on: backbone identity, seed, the Stage I settings that change
+    the result (every `LiftConfig` field but `RESULT_INDEPENDENT_FIELDS`) and the scene's fingerprint.
+
+    Args:
+        identity: `provenance.backbone_identity(backbone)`, when the caller has it already.
+    """
+    settings = {key: value for key, value in asdict(config).items() if key not in RESULT_INDEPENDENT_FIELDS}
+    return {
+        "backbone": identity or backbone_identity(backbone),
+        "seed": seed,
+        "lift_config": settings,
+        "scene": scene_fingerprint(scene),
+    }
+
+
+def write_run_record(directory: str | os.PathLike, provenance: dict) -> None:
+    """Record, beside a scene's checkpoints, what the run that writes them was started with."""
+    atomic_write_json(Path(directory) / PROVENANCE_FILE, provenance)
+
+
+def check_resume(directory: str | os.PathLike, provenance: dict) -> None:
+    """Raise a `ProvenanceError` unless the checkpoints in `directory` were started with `provenance`."""
+    directory = Path(directory)
+    record = directory / PROVENANCE_FILE
+    recorded = json.loads(record.read_text()) if record.is_file() else None
+    check_provenance(
+        recorded,
+        provenance,
+        artifact=f"the lifting checkpoint in {directory}",
+        fix=(
+            "resume with the backbone, --seed and settings it was started with, or delete that folder to lift "
+            "the scene again from the start (or choose another --output_dir)"
+        ),
+    )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..backbones import extract_features, input_size, normalize, patch_size_of
+from ..backbones import extract_features, input_size, normalize, patch_size_of, with_normalization
 from ..scenes.scene import Scene
 
 logger = logging.getLogger(__name__)
@@ -30,15 +30,26 @@ def render_size(scene: Scene, downscale: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def load_views(scene: Scene, indices: list[int], backbone: torch.nn.Module, render_downscale: int, batch_size: int = 8) -> Views:
+def load_views(
+    scene: Scene,
+    indices: list[int],
+    backbone: torch.nn.Module,
+    render_downscale: int,
+    batch_size: int = 8,
+    *,
+    size_rule: str = "floor",
+    normalization: str | None = None,
+) -> Views:
     """Load images and masks at render size and compute the backbone targets once per view.
 
-    The backbone sees each image resized to the nearest multiple of its patch size (the official
-    code recomputes these features at every iteration; they never change).
+    The backbone sees each image resized to patch multiples (`backbones.input_size(..., size_rule)`)
+    and normalised as `normalization` says (None: as its config records; the backbone is not
+    changed). The official code recomputes these features at every iteration; they never change.
     """
     height, width = render_size(scene, render_downscale)
     patch = patch_size_of(backbone.config)
-    size = input_size(scene.height, scene.width, patch, rule="nearest")
+    size = input_size(scene.height, scene.width, patch, rule=size_rule)
+    config = with_normalization(backbone.config, normalization)
     device = next(backbone.parameters()).device
     images, masks, targets = [], [], []
     has_masks = any(scene.mask(i) is not None for i in indices)
@@ -48,9 +59,7 @@ def load_views(scene: Scene, indices: list[int], backbone: torch.nn.Module, rend
         if not torch.isfinite(full).all():
             bad = [scene.view_names[i] for i, image in zip(chunk, full) if not torch.isfinite(image).all()]
             raise ValueError(f"scene {scene.scene_id!r}: images of views {bad} contain NaN/inf")
-        pixel_values = normalize(
-            F.interpolate(full, size=size, mode="bilinear", antialias=True, align_corners=False), backbone.config
-        )
+        pixel_values = normalize(F.interpolate(full, size=size, mode="bilinear", antialias=True, align_corners=False), config)
         features = extract_features(backbone, pixel_values.to(device)).feature_maps
         targets.append(features.to("cpu", torch.float16))
         if (height, width) != (scene.height, scene.width):
@@ -74,13 +83,17 @@ def load_views(scene: Scene, indices: list[int], backbone: torch.nn.Module, rend
     )
 
 
-def usable_views(scene: Scene, holdout_every: int) -> tuple[list[int], list[int]]:
+def usable_views(scene: Scene, holdout_every: int, train_on: str = "train") -> tuple[list[int], list[int]]:
     """Train and held-out views, minus views whose mask excludes every pixel.
 
-    A scene without test views gets every `holdout_every`-th view held out (if that leaves some to train on).
+    `train_on="train"`: the scene's train views, its test views held out; a scene without test
+    views gets every `holdout_every`-th view held out (if that leaves some to train on).
+    `train_on="all"`: every view is trained on, none held out (the official `eval=False`).
     """
     train, test = list(scene.train_views), list(scene.test_views)
-    if not test and holdout_every > 0 and len(train) > 1:
+    if train_on == "all":
+        train, test = list(range(scene.num_views)), []
+    elif not test and holdout_every > 0 and len(train) > 1:
         test = [i for i in train if i % holdout_every == 0]
         train = [i for i in train if i % holdout_every != 0]
     unusable = {i for i in train + test if (m := scene.mask(i)) is not None and not (m > 0).any()}

@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from typing import Any
 
+from fit3d_hf.errors import InputError
+
 STAGES = ("scenes", "lift", "render", "finetune", "evaluate", "card", "pictures", "summary")
 # The settings each stage adds to those of the stages before it; a stage's artifact depends on its
 # own and every earlier stage's (`stage_settings`). output_dir, fresh and threads change no artifact.
@@ -28,7 +30,7 @@ STAGE_SETTINGS = {
 }
 
 
-class DemoError(ValueError):
+class DemoError(InputError):
     """A run the demo refuses: settings that contradict each other or the run folder, or a stage
     result that makes the rest meaningless. The message names the cause and the fix."""
 

@@ -179,8 +179,9 @@ def evaluate_stage(run_dir: Path, config: DemoConfig) -> None:
     (features and finished probe runs are cached in eval/cache: an interrupted run resumes)."""
     eval_args = EvaluationArguments(
         output_dir=str(run_dir / "eval"),
+        # The baseline is the model's own original backbone: `--backbone` with a random spec would be drawn
+        # from --control_seed, another random backbone than the one fine-tuned.
         model=str(run_dir / "model"),
-        baseline=config.backbone,
         blur_control=str(run_dir / "control_blur"),
         controls=True,
         control_seed=config.seed + 1234,

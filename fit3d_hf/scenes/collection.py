@@ -21,6 +21,8 @@ def load_scenes(
     synthetic_views: int = 24,
     synthetic_height: int = 120,
     synthetic_width: int = 160,
+    images: Sequence[str | os.PathLike | None] = (),
+    allow_external_paths: bool = False,
 ) -> list[Scene]:
     """The scenes of a run, in a fixed order: the capture folders, then the procedural rooms.
 
@@ -30,27 +32,51 @@ def load_scenes(
     Args:
         folders: capture folders (or transforms .json files), see `load_scene`. A scene is named
             after its capture folder (the parent of a .json file).
-        downscale, skip_missing: passed to `load_scene`.
+        downscale, skip_missing, allow_external_paths: passed to `load_scene`.
         synthetic_rooms: also make this many procedural rooms, seeds `synthetic_seed`, +1, ...
             (`synthetic.make_room` with `synthetic_views` views of `synthetic_height` x `synthetic_width`).
+        images: the images folder of each COLMAP folder in `folders` (one per folder, or none).
 
     Raises:
-        SceneError: two inputs would get the same scene id (naming both).
+        SceneError: two inputs would get the same scene id (naming both); a bad option (naming it).
     """
     from fit3d_hf.scenes.synthetic import make_room
 
-    scenes: list[Scene] = []
+    checks = (
+        ("downscale", downscale, 1, "load captures at their size divided by it"),
+        ("synthetic_rooms", synthetic_rooms, 0, "the number of procedural rooms"),
+        ("synthetic_views", synthetic_views, 2, "views per procedural room"),
+        ("synthetic_height", synthetic_height, 1, "image height of the procedural rooms, in pixels"),
+        ("synthetic_width", synthetic_width, 1, "image width of the procedural rooms, in pixels"),
+    )
+    for name, value, least, meaning in checks:
+        if value < least:
+            raise SceneError(f"{name} is {value}, it must be at least {least} ({meaning})")
+    images = list(images)
+    if images and len(images) != len(folders):
+        raise SceneError(f"{len(images)} images folders for {len(folders)} scene folders; give one per scene folder, or none")
     sources: dict[str, str] = {}
+    # Every name is checked before any capture is read: reading one verifies all its images.
     for path in map(Path, folders):
         scene_id = sanitize_scene_id((path.parent if path.is_file() else path).resolve().name)
         if scene_id in sources:
             raise SceneError(f"{path} and {sources[scene_id]} would both be scene {scene_id!r}; rename one capture folder")
         sources[scene_id] = str(path)
-        scenes.append(load_scene(path, downscale=downscale, skip_missing=skip_missing, scene_id=scene_id))
     for seed in range(synthetic_seed, synthetic_seed + synthetic_rooms):
-        scene = make_room(seed, num_views=synthetic_views, height=synthetic_height, width=synthetic_width)
-        if scene.scene_id in sources:
-            raise SceneError(f"procedural room {scene.scene_id!r} has the name of capture {sources[scene.scene_id]}")
-        sources[scene.scene_id] = f"procedural room seed {seed}"
-        scenes.append(scene)
+        if f"room_{seed:04d}" in sources:
+            raise SceneError(f"procedural room 'room_{seed:04d}' has the name of capture {sources[f'room_{seed:04d}']}")
+    scenes: list[Scene] = []
+    for scene_id, path, images_dir in zip(sources, map(Path, folders), images or [None] * len(folders)):
+        scenes.append(
+            load_scene(
+                path,
+                downscale=downscale,
+                skip_missing=skip_missing,
+                scene_id=scene_id,
+                images_dir=images_dir,
+                allow_external_paths=allow_external_paths,
+            )
+        )
+    for seed in range(synthetic_seed, synthetic_seed + synthetic_rooms):
+        scenes.append(make_room(seed, num_views=synthetic_views, height=synthetic_height, width=synthetic_width))
     return scenes

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fit3d_hf.scenes.images import SceneError
+from fit3d_hf.scenes.paths import inside
 from fit3d_hf.scenes.scene import Scene
 
 # model id → (name, number of params), as in COLMAP's src/colmap/sensor/models.h
@@ -51,9 +52,19 @@ class ColmapImage:
     name: str
 
 
+_NUM_PARAMS = dict(CAMERA_MODELS.values())
+_SUPPORTED_MODELS = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV")
+
+
 def camera_matrices(camera: ColmapCamera, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(K [3, 3], OpenCV distortion [8] = k1 k2 p1 p2 k3 k4 k5 k6) of a COLMAP camera."""
     p = camera.params
+    expected = _NUM_PARAMS[camera.model] if camera.model in _SUPPORTED_MODELS else None
+    if expected is not None and len(p) != expected:
+        raise SceneError(
+            f"{where}: a {camera.model} camera has {expected} parameters, this one has {len(p)} ({p}); "
+            "re-export the model from COLMAP"
+        )
     zeros = [0.0] * 8
     if camera.model == "SIMPLE_PINHOLE":
         fx = fy = p[0]
@@ -197,8 +208,9 @@ def read_points3d_binary(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def find_model_dir(path: Path) -> Path | None:
-    """The folder holding cameras.{bin,txt}: `path`, `path/sparse/0` or `path/sparse`."""
-    for candidate in (path, path / "sparse" / "0", path / "sparse"):
+    """The folder holding cameras.{bin,txt}: `path`, `path/sparse/0`, `path/sparse` or
+    `path/colmap/sparse/0` (nerfstudio's processed layout, images in `path/images`)."""
+    for candidate in (path, path / "sparse" / "0", path / "sparse", path / "colmap" / "sparse" / "0"):
         if (candidate / "cameras.bin").is_file() or (candidate / "cameras.txt").is_file():
             return candidate
     return None
@@ -213,12 +225,16 @@ def load_colmap(
     verify_images: bool = True,
     test_every: int = 8,
     scene_id: str | None = None,
+    allow_external_paths: bool = False,
 ) -> Scene:
     """Load a COLMAP reconstruction (binary preferred over text when both exist).
 
     Args:
-        path: the scene folder (with `sparse/0/` or `sparse/`, and `images/`) or the model folder.
-        images_dir: where image names are resolved; default `<scene>/images`.
+        path: the scene folder (with `sparse/0/`, `sparse/` or nerfstudio's `colmap/sparse/0/`, and
+            `images/`) or the model folder.
+        images_dir: where image names are resolved; default `<scene>/images` (for a model in
+            `<data>/colmap/sparse/0`, `<data>/images` when `<data>/colmap/images` does not exist).
+            Image names must stay inside it (`paths.inside`) unless `allow_external_paths`.
         test_every: images sorted by name; every `test_every`-th (i % test_every == 0) is a test view
             (0: none), as 3DGS does.
         Masks: `<scene>/masks/<image stem>.png` (non-zero = use) when present, as FiT3D reads them.
@@ -226,8 +242,14 @@ def load_colmap(
     path = Path(path)
     model = find_model_dir(path)
     if model is None:
-        raise SceneError(f"{path}: no COLMAP model (cameras.bin/.txt) in it, in sparse/0/ or in sparse/")
-    root = path if model != path else (model.parent.parent if model.parent.name == "sparse" else model.parent)
+        raise SceneError(f"{path}: no COLMAP model (cameras.bin/.txt) in it, in sparse/0/, sparse/ or colmap/sparse/0/")
+    if model == path:
+        root = model.parent.parent if model.parent.name == "sparse" else model.parent
+    else:
+        root = model.parent.parent if model == path / "colmap" / "sparse" / "0" else path
+    # nerfstudio keeps the model in <data>/colmap/sparse/0 and the images in <data>/images.
+    if root.name == "colmap" and not (root / "images").is_dir() and (root.parent / "images").is_dir():
+        root = root.parent
     binary = (model / "cameras.bin").is_file()
     suffix = ".bin" if binary else ".txt"
     for name in ("cameras", "images"):
@@ -242,7 +264,21 @@ def load_colmap(
         points, colors = (read_points3d_binary if binary else read_points3d_text)(model / f"points3D{suffix}")
 
     image_root = Path(images_dir) if images_dir is not None else root / "images"
+    if images_dir is not None and not image_root.is_dir():
+        raise SceneError(f"{model}: the images folder {image_root} does not exist")
     ordered = sorted(images.values(), key=lambda image: image.name)
+    where = str(model / f"images{suffix}")
+    image_paths = [
+        inside(
+            image_root,
+            image_root,
+            image.name,
+            source=where,
+            what="image",
+            allow_external_paths=allow_external_paths,
+        )
+        for image in ordered
+    ]
     intrinsics, poses, distortion, sizes, masks = [], [], [], [], []
     for image in ordered:
         if image.camera_id not in cameras:
@@ -260,7 +296,7 @@ def load_colmap(
         masks.append(mask if mask.is_file() else None)
     return Scene.from_files(
         scene_id or root.name,
-        [image_root / image.name for image in ordered],
+        image_paths,
         torch.stack(intrinsics),
         torch.stack(poses),
         source=str(model / f"images{suffix}"),

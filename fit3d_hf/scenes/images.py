@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fit3d_hf.errors import InputError
+
 # File suffixes tried, in this order, for an image named without one.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
 
-class SceneError(ValueError):
+class SceneError(InputError):
     """A scene on disk is missing files or holds inconsistent data; the message names file and frame."""
 
 

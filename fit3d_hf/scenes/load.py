@@ -14,7 +14,7 @@ def detect_format(path: str | Path) -> str:
     """ "fit3d_scannetpp", "transforms_json" or "colmap" for a capture folder (or transforms .json file).
 
     Checked in that order: `transforms_train.json` (FiT3D's ScanNet++ layout), `transforms.json`
-    (nerfstudio / instant-ngp), a COLMAP model in the folder, `sparse/0/` or `sparse/`.
+    (nerfstudio / instant-ngp), a COLMAP model in the folder, `sparse/0/`, `sparse/` or `colmap/sparse/0/`.
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
@@ -30,7 +30,7 @@ def detect_format(path: str | Path) -> str:
     raise SceneError(
         f"{path}: not a recognised capture; expected transforms_train.json (FiT3D ScanNet++), "
         f"transforms.json (nerfstudio / instant-ngp) or a COLMAP model (cameras/images/points3D "
-        f".bin or .txt in the folder, sparse/0/ or sparse/)"
+        f".bin or .txt in the folder, sparse/0/, sparse/ or colmap/sparse/0/)"
     )
 
 
@@ -41,6 +41,8 @@ def load_scene(
     skip_missing: bool = False,
     verify_images: bool = True,
     scene_id: str | None = None,
+    images_dir: str | Path | None = None,
+    allow_external_paths: bool = False,
 ) -> Scene:
     """Load a posed capture from disk as a lazily read `Scene` (see `detect_format` for the formats).
 
@@ -52,12 +54,23 @@ def load_scene(
         verify_images: decode each image once now (fast reduced-size decode for JPEG) so that
             corrupt files are reported at load time with their frame.
         scene_id: defaults to the folder name; sanitised for use as a file name.
+        images_dir: the images of a COLMAP model (default: see `colmap.load_colmap`).
+        allow_external_paths: accept file names in the capture files that point outside the
+            capture folder (`paths.inside`); refused by default.
     """
     fmt = detect_format(path)
     path = Path(path)
-    options = dict(downscale=downscale, skip_missing=skip_missing, verify_images=verify_images, scene_id=scene_id)
+    options = dict(
+        downscale=downscale,
+        skip_missing=skip_missing,
+        verify_images=verify_images,
+        scene_id=scene_id,
+        allow_external_paths=allow_external_paths,
+    )
+    if images_dir is not None and fmt != "colmap":
+        raise SceneError(f"{path}: an images folder ({images_dir}) is only used for COLMAP models; this is a {fmt} capture")
     if fmt == "fit3d_scannetpp":
         return load_fit3d_scannetpp(path.parent if path.is_file() else path, **options)
     if fmt == "transforms_json":
         return load_transforms_json(path, **options)
-    return load_colmap(path, **options)
+    return load_colmap(path, images_dir=images_dir, **options)

@@ -163,7 +163,7 @@ class Scene:
             if not skip_missing:
                 raise SceneError(
                     f"{source}: {len(missing)} of {count} image files listed are missing:\n  {listing}\n"
-                    f"Pass skip_missing=True to load the {count - len(missing)} that exist."
+                    f"Pass --skip_missing (skip_missing=True in Python) to load the {count - len(missing)} that exist."
                 )
             warnings.warn(
                 f"{source}: skipping {len(missing)} of {count} frames whose image file is missing:\n  {listing}", stacklevel=2

@@ -17,6 +17,7 @@ import torch
 
 from fit3d_hf.scenes.colmap import read_points3d_text
 from fit3d_hf.scenes.images import IMAGE_SUFFIXES, SceneError, image_size
+from fit3d_hf.scenes.paths import inside
 from fit3d_hf.scenes.scene import Scene
 
 # OpenGL → OpenCV camera axes: flip y and z (right-multiplied onto camera-to-world).
@@ -42,7 +43,13 @@ def _frame_pose(frame: dict, index: int, where: str) -> torch.Tensor:
     matrix = frame.get("transform_matrix")
     if matrix is None:
         raise SceneError(f"{where}: frame {index} ('{frame.get('file_path')}') has no transform_matrix")
-    pose = torch.tensor(matrix, dtype=torch.float64)
+    try:
+        pose = torch.tensor(matrix, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise SceneError(
+            f"{where}: frame {index} ('{frame.get('file_path')}') transform_matrix is not a 4×4 (or 3×4) matrix of "
+            f"numbers: {json.dumps(matrix)[:200]}"
+        ) from err
     if pose.shape == (3, 4):
         pose = torch.cat([pose, torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)])
     if pose.shape != (4, 4):
@@ -67,6 +74,16 @@ def _frame_camera(meta: dict, frame: dict, image_path: Path, index: int, where: 
             f"which is not supported: undistort the images to a pinhole model first "
             f"(e.g. `colmap image_undistorter`) or export them as OPENCV/PINHOLE"
         )
+    for key in ("w", "h", "fl_x", "fl_y", "cx", "cy", "camera_angle_x", "camera_angle_y", "k1", "k2", "k3", "k4", "p1", "p2"):
+        value = get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise SceneError(f"{where}: {name} has {key} = {json.dumps(value)[:80]}, which is not a finite number")
+    for key in ("camera_angle_x", "camera_angle_y"):
+        if get(key) is not None and not 0 < get(key) < math.pi:
+            raise SceneError(f"{where}: {name} has {key} = {get(key)}; a field of view in radians lies strictly between 0 and pi")
+    for key in ("w", "h", "fl_x", "fl_y"):
+        if get(key) is not None and get(key) <= 0:
+            raise SceneError(f"{where}: {name} has {key} = {get(key)}; it must be positive")
     width, height = get("w"), get("h")
     declared = None if width is None or height is None else (int(round(width)), int(round(height)))
     if declared is None:
@@ -92,16 +109,31 @@ def _frame_camera(meta: dict, frame: dict, image_path: Path, index: int, where: 
     return K, declared, distortion
 
 
-def _resolve(root: Path, file_path: str, fallback_root: Path) -> Path:
+def _resolve(root: Path, file_path: str, fallback_root: Path, capture: Path, where: str, what: str, allow: bool) -> Path:
     """Frame file path under `root` (else under `fallback_root`, if it exists there); files without an
-    extension (NeRF-synthetic style) get the first image suffix that exists."""
+    extension (NeRF-synthetic style) get the first image suffix that exists. Both must lie inside
+    the capture folder `capture` unless `allow` (`paths.inside`)."""
+    refusals = []
     for base in (root, fallback_root):
-        path = base / file_path
+        try:
+            path = inside(capture, base, file_path, source=where, what=what, allow_external_paths=allow)
+        except SceneError as error:
+            refusals.append(error)
+            continue
         candidates = [path] + ([path.with_suffix(s) for s in IMAGE_SUFFIXES] if path.suffix == "" else [])
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
+    if len(refusals) == 2:  # outside the capture from both folders
+        raise refusals[0]
     return root / file_path
+
+
+def _file_path(frame: dict, index: int, where: str) -> str:
+    value = frame.get("file_path")
+    if not isinstance(value, str) or not value.strip():
+        raise SceneError(f"{where}: frame {index} has no file_path (got {json.dumps(value)}); every frame names its image file")
+    return value
 
 
 def _load_frames(
@@ -115,10 +147,17 @@ def _load_frames(
     scene_id: str,
     points=None,
     point_colors=None,
+    allow_external_paths: bool = False,
     **options,
 ) -> Scene:
     # FiT3D lists names relative to images/, but tolerate "images/<name>" (relative to the json) too.
-    image_paths = [_resolve(image_root, str(frame.get("file_path", "")), source.parent) for frame in frames]
+    image_paths = [
+        _resolve(
+            image_root, _file_path(frame, i, str(source)), source.parent, source.parent, str(source),
+            f"frame {i} file_path", allow_external_paths,
+        )
+        for i, frame in enumerate(frames)
+    ]  # fmt: skip
     cameras = [_frame_camera(meta, frame, path, i, str(source)) for i, (frame, path) in enumerate(zip(frames, image_paths))]
     known = next((cam for cam in cameras if cam[0] is not None), None)
     if known is None:
@@ -150,6 +189,7 @@ def load_transforms_json(
     verify_images: bool = True,
     test_every: int = 8,
     scene_id: str | None = None,
+    allow_external_paths: bool = False,
 ) -> Scene:
     """Load a nerfstudio or instant-ngp capture.
 
@@ -161,20 +201,30 @@ def load_transforms_json(
         verify_images: decode every image once at load time, so corrupt files fail now.
         test_every: frames `i % test_every == 0` become test views (0: none), as in 3DGS's `llffhold`.
         scene_id: defaults to the folder name.
+        allow_external_paths: accept file names that point outside the capture folder (`paths.inside`).
     """
     path = Path(path)
     source = path if path.suffix == ".json" else path / "transforms.json"
     meta = _read_json(source)
-    frames = meta.get("frames") or []
+    frames = _frames(meta, "frames", source)
     if not frames:
         raise SceneError(f"{source}: no frames listed")
     root = source.parent
     poses = [camera_to_world_gl_to_world_to_camera(_frame_pose(f, i, str(source))) for i, f in enumerate(frames)]
-    masks = [root / f["mask_path"] if f.get("mask_path") else None for f in frames]
+    where, allow = str(source), allow_external_paths
+    masks = [
+        inside(root, root, str(f["mask_path"]), source=where, what=f"frame {i} mask_path", allow_external_paths=allow)
+        if f.get("mask_path")
+        else None
+        for i, f in enumerate(frames)
+    ]
     is_test = [test_every > 0 and i % test_every == 0 for i in range(len(frames))]
     points = colors = None
     if meta.get("ply_file_path"):
-        points, colors = read_ply_points(root / meta["ply_file_path"])
+        ply = inside(root, root, str(meta["ply_file_path"]), source=where, what="ply_file_path", allow_external_paths=allow)
+        if not ply.is_file():
+            raise SceneError(f"{source}: ply_file_path '{meta['ply_file_path']}' names a missing file ({ply})")
+        points, colors = read_ply_points(ply)
     return _load_frames(
         source,
         meta,
@@ -186,6 +236,7 @@ def load_transforms_json(
         scene_id or root.name,
         points=points,
         point_colors=colors,
+        allow_external_paths=allow_external_paths,
         downscale=downscale,
         skip_missing=skip_missing,
         verify_images=verify_images,
@@ -212,6 +263,7 @@ def load_fit3d_scannetpp(
     skip_missing: bool = False,
     verify_images: bool = True,
     scene_id: str | None = None,
+    allow_external_paths: bool = False,
 ) -> Scene:
     """Load a ScanNet++ scene as preprocessed for FiT3D.
 
@@ -223,14 +275,14 @@ def load_fit3d_scannetpp(
     root = Path(path)
     source = root / "transforms_train.json"
     meta = _read_json(source)
-    train, test = meta.get("frames") or [], meta.get("test_frames") or []
+    train, test = _frames(meta, "frames", source), _frames(meta, "test_frames", source)
     frames = train + test
     if not frames:
         raise SceneError(f"{source}: no frames or test_frames listed")
     poses = [fit3d_world_to_camera(_frame_pose(f, i, str(source))) for i, f in enumerate(frames)]
     masks = []
-    for frame in frames:
-        mask = root / "masks" / f"{Path(str(frame.get('file_path', ''))).stem}.png"
+    for i, frame in enumerate(frames):
+        mask = root / "masks" / f"{Path(_file_path(frame, i, str(source))).stem}.png"
         masks.append(mask if mask.is_file() else None)
     points = colors = None
     if (root / "points3D.txt").is_file():
@@ -247,6 +299,7 @@ def load_fit3d_scannetpp(
         scene_id or root.name,
         points=points,
         point_colors=colors,
+        allow_external_paths=allow_external_paths,
         downscale=downscale,
         skip_missing=skip_missing,
         verify_images=verify_images,
@@ -318,6 +371,17 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise SceneError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SceneError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise SceneError(f"{path}: expected a JSON object with a 'frames' list at the top, got a {type(value).__name__}")
+    return value
+
+
+def _frames(meta: dict, key: str, source: Path) -> list[dict]:
+    """The list `meta[key]` (empty when absent), each entry a JSON object."""
+    frames = meta.get(key) or []
+    if not isinstance(frames, list) or not all(isinstance(frame, dict) for frame in frames):
+        raise SceneError(f"{source}: '{key}' must be a list of objects (one per frame), got {json.dumps(frames)[:120]}")
+    return frames

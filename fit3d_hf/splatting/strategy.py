@@ -16,7 +16,13 @@ class CappedDefaultStrategy(DefaultStrategy):
     (its `arguments/__init__.py` and `train_feat_gaussian.py`): prune Gaussians less opaque than
     `prune_opa` = 0.005; clone or split those whose mean screen gradient exceeds `grow_grad2d` =
     2e-4; refine every `refine_every` = 100 steps after `refine_start_iter` = 500 and before
-    `refine_stop_iter` = 15k; reset opacities every `reset_every` = 3k steps. Two differences:
+    `refine_stop_iter` = 15k; reset opacities every `reset_every` = 3k steps. After the first
+    `reset_every` steps a refinement also prunes Gaussians larger than `prune_scale3d` = 0.1 × the
+    scene scale, as the official `densify_and_prune` does once `size_threshold` is set (after
+    `opacity_reset_interval`). Its other rule there, screen radius > 20 px, never fires:
+    `densification_postfix` zeroes `max_radii2D` when clone and split add Gaussians, before the
+    test reads it (graphdeco-inria/gaussian-splatting#123). So `refine_scale2d_stop_iter` = 0
+    (no screen-size pruning or splitting) is the faithful setting, and the default. Two differences:
 
     - The opacity reset is implemented here, on 3DGS's schedule: at every step > 0 that is a
       multiple of `reset_every` and before `refine_stop_iter`, opacities are clamped to

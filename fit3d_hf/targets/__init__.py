@@ -18,10 +18,11 @@ picture), `load` (`load_targets` and the float16 training views, map-style and s
 """
 
 from .load import collate_training_rows, load_targets, training_dataset, training_stream
-from .render import gaussian_blur, render_targets, scene_source_kind, target_preview
+from .render import MASKS, PAPER_TARGETS, gaussian_blur, render_targets, scene_source_kind, target_preview
 from .schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    MASK_DTYPES,
     METADATA_FILE,
     PREVIEW_MIN_LONG_SIDE,
     TRAINING_COLUMNS,
@@ -35,7 +36,10 @@ from .schema import (
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MASKS",
+    "MASK_DTYPES",
     "METADATA_FILE",
+    "PAPER_TARGETS",
     "PREVIEW_MIN_LONG_SIDE",
     "TRAINING_COLUMNS",
     "bytes_per_view",

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -17,11 +18,27 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fit3d_hf import backbones, viz
-from fit3d_hf.io import atomic_directory, atomic_write_json, remove_stale_temporaries, temporary_path
+from fit3d_hf.errors import InputError, InputNotFoundError, OutputError
+from fit3d_hf.io import (
+    atomic_directory,
+    atomic_write_json,
+    check_output_folder,
+    folder_lock,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from fit3d_hf.lift import FeatureGaussians
+from fit3d_hf.provenance import (
+    PROVENANCE_KEY,
+    backbone_identity,
+    check_backbone,
+    check_provenance,
+    file_sha256,
+    scene_fingerprint,
+)
 
 from .load import load_targets
-from .schema import FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, PREVIEW_MIN_LONG_SIDE, bytes_per_view, schema
+from .schema import FORMAT_NAME, FORMAT_VERSION, MASK_DTYPES, METADATA_FILE, PREVIEW_MIN_LONG_SIDE, bytes_per_view, schema
 
 logger = logging.getLogger(__name__)
 
@@ -87,33 +104,50 @@ def _settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# How the stored mask is made (`render_targets(mask=...)`), as written into the dataset's metadata.
+MASKS = {
+    "coverage": "1 where the render alpha >= 0.5 at the patch grid and the scene mask (if any) >= 0.5 there, else 0 (uint8)",
+    "soft": "the scene mask bilinearly resized to the patch grid (align_corners=False), in [0, 1], 1 without one; "
+    "render coverage not used (float16)",
+}
+# The official Stage II data (`datasets/scannetpp.py`, `engine.py`): every image of the training scenes,
+# the soft anonymisation mask, patch-multiple sides floored, ImageNet normalisation (lifted so by
+# `LiftConfig.paper_preset()`). `render_targets(..., **PAPER_TARGETS)`, `fit3d render --protocol paper`.
+PAPER_TARGETS = {"mask": "soft", "views": "all", "size_rule": "floor", "normalization": "imagenet"}
+
+
 def _view_rows(
     scene,
     views: list[int],
     image_size: tuple[int, int],
     grid: tuple[int, int],
     make_target,
+    mask: str,
 ) -> Iterator[dict[str, Any]]:
-    """Rows of one scene; `make_target(view, image [1,3,H,W]) -> (target [Cb,h,w], valid [h,w] bool)`."""
+    """Rows of one scene; `make_target(view, image [1,3,H,W]) -> (target [Cb,h,w], covered [h,w] bool)`."""
     height, width = image_size
     for view in views:
         image = resize_image(scene.image(view)[None].float(), image_size)
         target, valid = make_target(view, image)
         scene_mask = scene.mask(view)
         if scene_mask is not None:
-            scene_mask = F.interpolate(scene_mask[None, None].float(), size=grid, mode="bilinear", align_corners=False)
-            valid = valid & (scene_mask[0, 0] >= 0.5)
+            scene_mask = F.interpolate(scene_mask[None, None].float(), size=grid, mode="bilinear", align_corners=False)[0, 0]
+        if mask == "soft":
+            # The official loss weights each cell by the bilinearly resized mask (mask / 255) and nothing else.
+            valid = torch.ones(grid) if scene_mask is None else scene_mask
+        elif scene_mask is not None:
+            valid = valid & (scene_mask >= 0.5)
         pixels = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         intrinsics = scale_intrinsics(scene.intrinsics[view], height / scene.height, width / scene.width)
         yield {
             "image": PIL.Image.fromarray(pixels),
             "target": target.to(torch.float16).cpu().numpy(),
-            "mask": valid.to(torch.uint8).cpu().numpy(),
+            "mask": valid.to(getattr(torch, MASK_DTYPES[mask])).cpu().numpy(),
             "scene_id": scene.scene_id,
             "view_id": int(view),
             "intrinsics": intrinsics.float().cpu().numpy(),
             "world_to_camera": scene.world_to_camera[view].float().cpu().numpy(),
-            "preview": target_preview(target, valid),
+            "preview": target_preview(target, valid > 0),  # a soft mask weighs cells; the preview shows every weighted one
         }
 
 
@@ -129,6 +163,9 @@ def render_targets(
     render_scale: float = 1.0,
     blur_sigma: float = 1.0,
     views: Literal["train", "all"] = "train",
+    mask: Literal["coverage", "soft"] = "coverage",
+    size_rule: Literal["floor", "nearest"] = "floor",
+    normalization: str | None = None,
     num_shards: int | None = None,
     device: str | torch.device = "cpu",
 ) -> datasets.Dataset:
@@ -147,67 +184,186 @@ def render_targets(
             control: the backbone's own features of the view, Gaussian-blurred by `blur_sigma`
             grid cells — same images, grid and masks, no 3D.
         image_size: (H, W) of the stored images = the fine-tuning input; multiples of the patch
-            size. Defaults to each scene's size rounded to the nearest whole patches (as lifting).
+            size. Defaults to each scene's size made a patch multiple by `size_rule`.
         render_scale: render at scene resolution × this factor before decoding (1 = official).
-        views: "train" (the scene's `train_views`) or "all".
+        views: "train" (the scene's `train_views`) or "all" (every view; the official fine-tuning
+            uses every image of its training scenes).
+        mask: the stored per-cell weight of the loss (`MASKS`). "coverage": 1 where the render
+            covers the cell (alpha >= 0.5) and the scene mask allows it, else 0. "soft" (official):
+            the scene mask (ScanNet++'s anonymisation mask / 255) bilinearly resized to the patch
+            grid, values in [0, 1], stored as float16.
+        size_rule: `backbones.input_size` rule of the default image size: "floor" (official) or
+            "nearest".
+        normalization: how the backbone's input is normalised (`backbones.NORMALIZATIONS`; None: as
+            its config records; the backbone is not changed) for "single_view_blur" targets. Lifted
+            targets carry the one they were lifted with (a different one given here is an error).
+            The dataset records it, and fine-tuning uses it.
         num_shards: arrow shards in the saved folder (default: datasets' 500 MB shards).
         device: where rendering and decoding run.
 
     Scenes are rendered one at a time into per-scene parts under `<output_dir>.parts/` (each
     written atomically), so an interrupted run resumes at the first missing scene; memory stays
-    flat (one view at a time, written by `Dataset.from_generator`).
+    flat (one view at a time, written by `Dataset.from_generator`). The parts folder is locked
+    while a run writes it (`io.folder_lock`); parts of other settings are removed, and a run that
+    fails before finishing any part leaves none behind.
+
+    Before any rendering, every scene's Gaussians are checked against `backbone` and the scene
+    (their recorded provenance: the backbone's weights, the scene's cameras): Gaussians lifted with
+    another backbone are a `ProvenanceError`. The dataset's metadata records the backbone's identity
+    and the sha256 and provenance of every Gaussians file (`metadata["provenance"]`).
 
     Returns:
         The saved dataset, opened with `load_targets` (float16 kept).
     """
     if target_source not in ("lifted", "single_view_blur"):
-        raise ValueError(f"target_source must be 'lifted' or 'single_view_blur', got {target_source!r}")
+        raise InputError(f"target_source must be 'lifted' or 'single_view_blur', got {target_source!r}")
     if target_source == "lifted" and gaussians_dir is None:
-        raise ValueError("target_source='lifted' needs gaussians_dir (the folder written by `fit3d lift`)")
+        raise InputError("target_source='lifted' needs gaussians_dir (the folder written by `fit3d lift`)")
+    if mask not in MASKS:
+        raise InputError(f"mask must be one of {sorted(MASKS)}, got {mask!r}")
     output_dir = Path(output_dir)
     if output_dir.exists():
-        raise FileExistsError(f"{output_dir} already exists; remove it or choose another output_dir")
-    config = backbone.config
-    patch_size = backbones.patch_size_of(config)
-    hidden_size = backbones.hidden_size_of(config)
+        raise OutputError(f"{output_dir} already exists; remove it or choose another output_dir")
+    check_output_folder(output_dir, what="the targets output folder")
+    scenes = list(scenes)
+    repeated = sorted(scene_id for scene_id, count in Counter(scene.scene_id for scene in scenes).items() if count > 1)
+    if repeated:
+        raise InputError(f"scene ids {repeated} appear more than once: each scene is rendered once")
+    if not scenes:
+        raise InputError("no scenes given")
+    hidden_size = backbones.hidden_size_of(backbone.config)
+    identity = backbone_identity(backbone)
+    upstream = _check_gaussians(scenes, Path(gaussians_dir), identity, hidden_size) if target_source == "lifted" else {}
     backbone = backbone.to(device).eval()
     parts_dir = output_dir.with_name(output_dir.name + ".parts")
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    # What a killed run left half-written: its staged part and final folders.
-    remove_stale_temporaries(parts_dir)
-    remove_stale_temporaries(output_dir.parent)
-
     settings = {
         "target_source": target_source,
         "image_size": list(image_size) if image_size else None,
         "render_scale": render_scale,
         "blur_sigma": blur_sigma if target_source == "single_view_blur" else None,
         "views": views,
-        "backbone": json.loads(config.to_json_string()),
+        "mask": mask,
+        "size_rule": size_rule,
+        "normalization": normalization,
+        "backbone": json.loads(backbone.config.to_json_string()),
+        "backbone_weights_sha256": identity["weights_sha256"],
+        "gaussians_sha256": {scene_id: entry["sha256"] for scene_id, entry in upstream.items()},
         # Parts written by a version with other columns cannot be concatenated with new ones.
         "columns": list(schema(1, 1, 1)),
     }
+    with folder_lock(parts_dir, what="the targets' parts folder"):
+        try:
+            dataset_dir = _render_parts(
+                scenes, backbone, output_dir, parts_dir, settings, identity, upstream,
+                gaussians_dir=gaussians_dir, target_source=target_source, image_size=image_size, render_scale=render_scale,
+                blur_sigma=blur_sigma, views=views, mask=mask, size_rule=size_rule, normalization=normalization,
+                num_shards=num_shards, device=device,
+            )  # fmt: skip
+        except BaseException:
+            # A part is worth resuming from; a parts folder without one is only clutter.
+            if not any(entry.is_dir() and not entry.name.startswith(".") for entry in parts_dir.iterdir()):
+                shutil.rmtree(parts_dir, ignore_errors=True)
+            raise
+    shutil.rmtree(parts_dir)
+    return load_targets(dataset_dir)
+
+
+def _check_gaussians(scenes: list, gaussians_dir: Path, identity: dict, hidden_size: int) -> dict[str, dict]:
+    """Check every scene's Gaussians file before rendering any: present, readable, as wide as the
+    backbone, lifted with this backbone (same weights) from this scene (same cameras).
+
+    Returns:
+        scene id -> {"sha256": the file's hash, "lift": its recorded provenance (None for a file
+        that records none: made by hand or by an older fit3d_hf; a warning says so)}.
+    """
+    paths = {scene.scene_id: gaussians_dir / f"{scene.scene_id}.safetensors" for scene in scenes}
+    missing = [str(path) for path in paths.values() if not path.is_file()]
+    if missing:
+        raise InputNotFoundError(
+            f"no lifted Gaussians for {len(missing)} scene(s): {', '.join(missing)} missing; lift them first "
+            f"(`fit3d lift` with the same scenes and --output_dir {gaussians_dir})"
+        )
+    upstream = {}
+    fix = "render with the backbone (and --seed, for a random one) the scenes were lifted with, or lift them again"
+    for scene in scenes:
+        path = paths[scene.scene_id]
+        metadata = FeatureGaussians.read_metadata(path)
+        out_dim = int(metadata.get("out_dim") or FeatureGaussians.load(path).out_dim)
+        if out_dim != hidden_size:
+            raise InputError(
+                f"{path}: decoder width {out_dim} does not match the backbone width {hidden_size}; "
+                "lift with the backbone you fine-tune"
+            )
+        lift = json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else None
+        if lift is None:
+            logger.warning("%s records no provenance (made by hand or by an older fit3d_hf): its backbone is not checked", path)
+        else:
+            check_backbone(lift["backbone"], identity, artifact=str(path), fix=fix)
+            keys = ("scene_id", "num_views", "poses_sha256")
+            current = scene_fingerprint(scene)
+            check_provenance(
+                {key: lift["scene"][key] for key in keys},
+                {key: current[key] for key in keys},
+                artifact=f"{path} (its scene)",
+                fix="render the scenes the Gaussians were lifted from (same folders or procedural-room options)",
+            )
+        upstream[scene.scene_id] = {"sha256": file_sha256(path), "lift": lift}
+    return upstream
+
+
+def _render_parts(
+    scenes: list,
+    backbone: torch.nn.Module,
+    output_dir: Path,
+    parts_dir: Path,
+    settings: dict,
+    identity: dict,
+    upstream: dict,
+    *,
+    gaussians_dir,
+    target_source: str,
+    image_size,
+    render_scale: float,
+    blur_sigma: float,
+    views: str,
+    mask: str,
+    size_rule: str,
+    normalization: str | None,
+    num_shards: int | None,
+    device,
+) -> Path:
+    """Render the scenes' parts that `parts_dir` lacks, then assemble and save the dataset at `output_dir`."""
+    config = backbone.config
+    patch_size = backbones.patch_size_of(config)
+    hidden_size = backbones.hidden_size_of(config)
+    # What a killed run left half-written: its staged part and final folders.
+    remove_stale_temporaries(parts_dir)
+    remove_stale_temporaries(output_dir.parent)
     settings_file = parts_dir / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text())["hash"] != _settings_hash(settings):
-        raise ValueError(f"{parts_dir} holds parts rendered with other settings; delete it to start over")
+        logger.warning("%s holds parts of an earlier run with other settings: removing them", parts_dir)
+        for entry in parts_dir.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
     atomic_write_json(settings_file, {"hash": _settings_hash(settings)}, indent=None)
 
     scene_ids: list[str] = []
     scene_sources: dict[str, int] = {}
     feature_dims: dict[str, int] = {}
+    # How the backbone's input was normalised for each scene's targets (lifting's, or this blur's).
+    blur_normalization = backbones.normalization_of(backbones.with_normalization(config, normalization))
+    normalizations: dict[str, str] = {}
     grid = None
     for scene in tqdm(scenes, desc="render targets", unit="scene"):
-        if scene.scene_id in scene_ids:
-            raise ValueError(f"scene_id {scene.scene_id!r} appears twice")
         scene_ids.append(scene.scene_id)
         kind = scene_source_kind(scene)
         scene_sources[kind] = scene_sources.get(kind, 0) + 1
-        size = tuple(image_size) if image_size else backbones.input_size(scene.height, scene.width, patch_size, rule="nearest")
+        size = tuple(image_size) if image_size else backbones.input_size(scene.height, scene.width, patch_size, rule=size_rule)
         if size[0] % patch_size or size[1] % patch_size:
-            raise ValueError(f"image_size {size} is not a multiple of the patch size {patch_size}")
+            raise InputError(f"image_size {size} is not a multiple of the patch size {patch_size}")
         scene_grid = (size[0] // patch_size, size[1] // patch_size)
         if grid is not None and scene_grid != grid:
-            raise ValueError(
+            raise InputError(
                 f"scene {scene.scene_id!r} gives a {scene_grid} patch grid but earlier scenes gave {grid}; "
                 "pass image_size to store every scene at one size"
             )
@@ -215,19 +371,19 @@ def render_targets(
         view_list = list(scene.train_views) if views == "train" else list(range(scene.num_views))
 
         if target_source == "lifted":
-            gaussians_path = Path(gaussians_dir) / f"{scene.scene_id}.safetensors"
-            if not gaussians_path.exists():
-                raise FileNotFoundError(f"no lifted Gaussians for scene {scene.scene_id!r}: {gaussians_path} is missing")
-            gaussians = FeatureGaussians.load(gaussians_path, device=device)
-            if gaussians.out_dim != hidden_size:
-                raise ValueError(
-                    f"{gaussians_path}: decoder width {gaussians.out_dim} does not match the backbone width "
-                    f"{hidden_size}; lift with the backbone you fine-tune"
-                )
+            gaussians = FeatureGaussians.load(Path(gaussians_dir) / f"{scene.scene_id}.safetensors", device=device)
             feature_dims[scene.scene_id] = gaussians.feature_dim
+            # Files from before the normalisation was recorded were lifted with the family's own.
+            normalizations[scene.scene_id] = gaussians.metadata.get("normalization", "family")
+            if normalization not in (None, normalizations[scene.scene_id]):
+                raise InputError(
+                    f"{Path(gaussians_dir) / scene.scene_id}.safetensors was lifted with {normalizations[scene.scene_id]!r} input normalisation, not "
+                    f"{normalization!r}: lift with --normalization {normalization}, or render with its own"
+                )
             make_target = _lifted_target_fn(gaussians, scene, grid, render_scale, device)
         else:
-            make_target = _single_view_target_fn(backbone, grid, blur_sigma, device)
+            normalizations[scene.scene_id] = blur_normalization
+            make_target = _single_view_target_fn(backbone, normalization, grid, blur_sigma, device)
 
         part = parts_dir / scene.scene_id
         if part.exists():
@@ -237,8 +393,15 @@ def render_targets(
         try:
             part_dataset = datasets.Dataset.from_generator(
                 _view_rows,
-                gen_kwargs={"scene": scene, "views": view_list, "image_size": size, "grid": grid, "make_target": make_target},
-                features=schema(hidden_size, *grid),
+                gen_kwargs={
+                    "scene": scene,
+                    "views": view_list,
+                    "image_size": size,
+                    "grid": grid,
+                    "make_target": make_target,
+                    "mask": mask,
+                },
+                features=schema(hidden_size, *grid, mask=mask),
                 cache_dir=str(cache_dir),
                 # An explicit fingerprint spares hashing the Gaussians in gen_kwargs.
                 fingerprint=f"{_settings_hash(settings)}-{scene.scene_id}",
@@ -248,8 +411,11 @@ def render_targets(
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
 
-    if grid is None:
-        raise ValueError("no scenes given")
+    if len(set(normalizations.values())) > 1:
+        raise InputError(
+            f"the scenes were lifted with different input normalisations {normalizations}: the fine-tuned model can "
+            "have one; lift them again with one --normalization"
+        )
     metadata = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -264,16 +430,24 @@ def render_targets(
         "patch_grid": list(grid),
         "target_source": target_source,
         "feature_dim": feature_dims if target_source == "lifted" else None,
+        "normalization": next(iter(normalizations.values())),
         "render": {
             "render_scale": render_scale,
             "decode": "scene decoder at render resolution, then bilinear resize to the patch grid (align_corners=False)",
-            "mask": "render alpha >= 0.5 at the patch grid, and the scene mask >= 0.5 where given",
+            "mask": MASKS[mask],
+            "mask_kind": mask,
+            "size_rule": None if image_size else size_rule,
             "blur_sigma_cells": blur_sigma if target_source == "single_view_blur" else None,
             "views": views,
         },
         "scenes": scene_ids,
         "scene_sources": scene_sources,
-        "bytes_per_view_uncompressed": bytes_per_view(hidden_size, *grid),
+        "bytes_per_view_uncompressed": bytes_per_view(hidden_size, *grid, mask=mask),
+        PROVENANCE_KEY: {
+            "backbone": identity,
+            "gaussians": upstream or None,
+            "scenes": {scene.scene_id: scene_fingerprint(scene) for scene in scenes},
+        },
     }
     parts = [datasets.load_from_disk(str(parts_dir / scene_id)) for scene_id in scene_ids]
     valid_fraction = {}
@@ -293,8 +467,7 @@ def render_targets(
     with atomic_directory(output_dir) as staging:
         dataset.save_to_disk(str(staging), num_shards=num_shards)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    shutil.rmtree(parts_dir)
-    return load_targets(output_dir)
+    return output_dir
 
 
 def _lifted_target_fn(gaussians: FeatureGaussians, scene, grid: tuple[int, int], render_scale: float, device):
@@ -316,9 +489,13 @@ def _lifted_target_fn(gaussians: FeatureGaussians, scene, grid: tuple[int, int],
     return make_target
 
 
-def _single_view_target_fn(backbone: torch.nn.Module, grid: tuple[int, int], blur_sigma: float, device):
+def _single_view_target_fn(
+    backbone: torch.nn.Module, normalization: str | None, grid: tuple[int, int], blur_sigma: float, device
+):
+    config = backbones.with_normalization(backbone.config, normalization)
+
     def make_target(view: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pixel_values = backbones.normalize(image.to(device), backbone.config)
+        pixel_values = backbones.normalize(image.to(device), config)
         feature_maps = backbones.extract_features(backbone, pixel_values).feature_maps.float()
         return gaussian_blur(feature_maps, blur_sigma)[0], torch.ones(grid, dtype=torch.bool, device=device)
 

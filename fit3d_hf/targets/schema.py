@@ -3,8 +3,10 @@
 Columns (see `schema`):
     image            datasets.Image  RGB at the fine-tuning input size [H, W] (PNG)
     target           float16 [Cb, h, w]  decoded render at the patch grid (h = H / patch)
-    mask             uint8 [h, w]        1 where the render covers the pixel (alpha >= 0.5)
-                                         and the scene mask (if any) says valid
+    mask             [h, w]              the loss weight of each cell: uint8 1 where the render
+                                         covers it (alpha >= 0.5) and the scene mask (if any) says
+                                         valid (mask "coverage"), or float16 in [0, 1], the scene
+                                         mask bilinearly resized (mask "soft", the official one)
     scene_id         string
     view_id          int32               index of the view in its scene
     intrinsics       float32 [3, 3]      pinhole, for the stored image size
@@ -28,15 +30,17 @@ FORMAT_VERSION = 1
 TRAINING_COLUMNS = ["image", "target", "mask"]
 # The preview's long side is at least this many pixels: each patch-grid cell becomes a block.
 PREVIEW_MIN_LONG_SIDE = 128
+# dtype of the mask column per kind of mask (`render_targets(mask=...)`).
+MASK_DTYPES = {"coverage": "uint8", "soft": "float16"}
 
 
-def schema(hidden_size: int, grid_height: int, grid_width: int) -> datasets.Features:
-    """The dataset's columns for a backbone of width `hidden_size` (Cb) at patch grid h × w."""
+def schema(hidden_size: int, grid_height: int, grid_width: int, mask: str = "coverage") -> datasets.Features:
+    """The dataset's columns for a backbone of width `hidden_size` (Cb) at patch grid h × w, with a `mask` kind of mask."""
     return datasets.Features(
         {
             "image": datasets.Image(),
             "target": datasets.Array3D((hidden_size, grid_height, grid_width), "float16"),
-            "mask": datasets.Array2D((grid_height, grid_width), "uint8"),
+            "mask": datasets.Array2D((grid_height, grid_width), MASK_DTYPES[mask]),
             "scene_id": datasets.Value("string"),
             "view_id": datasets.Value("int32"),
             "intrinsics": datasets.Array2D((3, 3), "float32"),
@@ -46,9 +50,10 @@ def schema(hidden_size: int, grid_height: int, grid_width: int) -> datasets.Feat
     )
 
 
-def bytes_per_view(hidden_size: int, grid_height: int, grid_width: int) -> int:
+def bytes_per_view(hidden_size: int, grid_height: int, grid_width: int, mask: str = "coverage") -> int:
     """Uncompressed bytes of one row's target + mask + cameras (the PNG image comes on top)."""
-    return 2 * hidden_size * grid_height * grid_width + grid_height * grid_width + 4 * (9 + 16)
+    mask_bytes = 1 if MASK_DTYPES[mask] == "uint8" else 2
+    return 2 * hidden_size * grid_height * grid_width + mask_bytes * grid_height * grid_width + 4 * (9 + 16)
 
 
 def parse_metadata(text: str | None) -> dict[str, Any]:
