@@ -51,3 +51,22 @@ def test_every_command_has_help(name, capsys):
         main([name, "--help"])
     assert exit_info.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+def test_config_names_a_shipped_config(tmp_path, capsys):
+    from fit3d_hf.commands import CONFIGS_DIR, config_path
+    from fit3d_hf.commands.finetune import FinetuneArguments
+    from fit3d_hf.finetune import FinetuneConfig
+
+    assert config_path("finetune_cpu") == config_path("finetune_cpu.yaml") == str(CONFIGS_DIR / "finetune_cpu.yaml")
+    local = tmp_path / "finetune_cpu"  # an existing file wins over a shipped name
+    local.write_text("max_steps: 3\n")
+    assert config_path(str(local)) == str(local)
+    shipped = yaml.safe_load((CONFIGS_DIR / "finetune_cpu.yaml").read_text())
+    _, config = parse_args(
+        (FinetuneArguments, FinetuneConfig), ["--config", "finetune_cpu", "--dataset", "d", "--output_dir", "o"], "p", "d"
+    )
+    assert all(getattr(config, key) == value for key, value in shipped.items() if hasattr(config, key))
+    with pytest.raises(SystemExit):
+        parse_args((FinetuneArguments, FinetuneConfig), ["--config", "no_such_preset"], "p", "d")
+    assert "shipped: [" in capsys.readouterr().err
