@@ -199,6 +199,11 @@ def test_export_shards_card_metadata_and_reads_back(tmp_path, lifted):
     assert card.data.size_categories == ["n<1K"] and "extra_gated_prompt" not in card.data.to_dict()
     assert card.data.configs == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
     assert "ScanNet++" not in card.text and f"{dataset.num_rows} views of 1 scene(s)" in card.text
+    # How the targets were made, as the metadata records it: mask kind, normalisation, provenance.
+    metadata = targets_metadata(dataset)
+    assert f"Mask `{metadata['render']['mask_kind']}` (uint8)" in card.text
+    assert f"`{metadata['normalization']}`" in card.text
+    assert metadata["provenance"]["backbone"]["weights_sha256"][:16] in card.text
     with pytest.raises(FileExistsError):
         hub.export_for_hub(root / "targets", folder)
 
