@@ -459,8 +459,11 @@ def finetune(
             model.finetuned.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.finetuned.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # The device is accelerate's: what `accelerate launch` / `accelerate config` chose, or what it detects.
+    # The device: an accelerator torch sees (CUDA, MPS, XPU, ...), or the CPU; `accelerate launch` sets the processes.
     accelerator = Accelerator(
+        # CPU only where torch sees no accelerator (CUDA, MPS, XPU, ...): under `accelerate launch` with
+        # several CPU processes, accelerate alone starts each as a silent single process.
+        cpu=not torch.accelerator.is_available(),
         mixed_precision=None if config.mixed_precision == "no" else config.mixed_precision,
         log_with=log_with,
         project_dir=str(output_dir),

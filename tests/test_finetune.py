@@ -276,7 +276,7 @@ def test_command_saves_model_processor_card_and_pushes(tmp_path, targets_dir, ba
     assert "fine-tuned for 2 steps" in (out / "README.md").read_text()
     # A published config names no folder of this machine (the backbone was a local folder).
     assert json.loads((out / "config.json").read_text())["backbone_config"].get("_name_or_path", "") == ""
-    assert "from_pretrained(\"me/fit3d-tiny\")" in (out / "README.md").read_text()  # the usage snippet names the repo
+    assert 'from_pretrained("me/fit3d-tiny")' in (out / "README.md").read_text()  # the usage snippet names the repo
     assert uploads and uploads[0]["repo_id"] == "me/fit3d-tiny" and Path(uploads[0]["folder_path"]) == out
 
 

@@ -517,7 +517,7 @@ def run_benchmark(
     bad_roles = {n: r for n, r in roles.items() if n not in sources or r not in ("baseline", "fit3d", "control")}
     if bad_roles:
         raise ValueError(f"bad roles {bad_roles}: names must be sources {names}, roles baseline/fit3d/control")
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())  # as in `finetune`
     cache = Path(config.cache_dir) if config.cache_dir else None
     probe_tasks = [t for t in ("segmentation", "depth") if t in config.tasks and t in train_data.tasks and t in test_data.tasks]
     if "segmentation" in probe_tasks and train_data.num_labels != test_data.num_labels:
@@ -991,7 +991,7 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
         for split, option in ((args.hf_train_split, "--hf_train_split"), (args.hf_test_split, "--hf_test_split")):
             _check_hf_split(hf_data, split, option, hf_source)
     sources, roles, descriptions = build_sources(args)
-    accelerator = Accelerator()  # the device accelerate's config or detection chooses
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())  # as in `finetune`
     kwargs = dict(roles=roles, descriptions=descriptions, accelerator=accelerator)
     loaded = [load_scene(path) for path in args.correspondence_scenes]
     if loaded:
