@@ -462,7 +462,7 @@ def write_space(
         python_version=f"{sys.version_info.major}.{sys.version_info.minor}",  # the Python it was written with
         models=models,
         license="apache-2.0",
-        tags=["fit3d", "feature-extraction", "3d-aware"],
+        tags=["fit3d", "image-feature-extraction", "3d-aware-fine-tuning"],
         emoji="🧊",
         colorFrom="indigo",
         colorTo="green",

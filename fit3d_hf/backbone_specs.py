@@ -18,6 +18,8 @@ saved model whose checkpoint leaves any weight of the backbone missing is an err
 would initialise it randomly and only log a warning).
 """
 
+import os
+
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
@@ -134,3 +136,9 @@ def _check_loaded(spec: str, loading_info: dict) -> None:
 def backbone_name(model: PreTrainedModel) -> str:
     """The name recorded in artifacts for `model`: what `load_backbone_spec` named it, else its model type."""
     return getattr(model.config, "_name_or_path", "") or model.config.model_type
+
+
+def hub_id_of(spec: str) -> str | None:
+    """The Hub model id a spec (or a recorded name) names, e.g. for a card's `base_model`; None for a
+    local folder, a built-in spec ('embedded', 'tiny:...', 'random:...') or an empty name."""
+    return spec if spec.count("/") == 1 and ":" not in spec and " " not in spec and not os.path.exists(spec) else None

@@ -4,12 +4,19 @@
         flip image, target and mask together (p = 0.5)
         out = finetuned(normalize(image))          # last block, final norm, patch tokens [B, Cb, h, w]
         loss = sum(|out - target| * mask) / (sum(mask) * Cb)
-        backward; clip grad norm 0.1; AdamW step (lr 1e-5, wd 1e-4, constant)
+        backward; every `gradient_accumulation_steps` batches: clip grad norm 0.1, AdamW step
+        (lr 1e-5, wd 1e-4, constant)
 
 Only `FiT3DModel.finetuned` is trained; `FiT3DModel.original` stays frozen and is never run.
 The same code runs on one CPU, several CPU processes (gloo) or GPUs, as `accelerate launch`
-configures it. Checkpoints are `accelerator.save_state` folders
-`<output_dir>/checkpoints/step_<N>/`, written under a temporary name and renamed when complete.
+configures it; the device is accelerate's (its config, or what it detects). Checkpoints are
+`accelerator.save_state` folders `<output_dir>/checkpoints/step_<N>/`, written under a temporary
+name and renamed when complete.
+
+The dataset is map-style (a `datasets.Dataset`, random order from accelerate's seedable sampler)
+or streamed (`FinetuneConfig.streaming`, or a `datasets.IterableDataset`): each process reads its
+own part (`split_dataset_by_node`) through a shuffle buffer, float16 kept, and all processes end
+an epoch together when one runs out.
 
 One entry, with the arguments of `fit3d finetune`:
 
@@ -21,19 +28,22 @@ The model card is not written here (`fit3d_hf.hub.write_model_card`, `hub.finetu
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
+from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -43,7 +53,14 @@ from fit3d_hf.errors import InputError, InputNotFoundError, OutputError, UserErr
 from fit3d_hf.io import LOCK_FILE, TMP_MARK, atomic_directory, check_output_folder, folder_lock, remove_stale_temporaries
 from fit3d_hf.modeling_fit3d import FiT3DModel
 from fit3d_hf.provenance import PROVENANCE_KEY, backbone_identity, check_backbone, check_provenance, check_source, hub_error
-from fit3d_hf.targets import load_targets, target_shape, targets_metadata, training_dataset
+from fit3d_hf.targets import (
+    collate_training_rows,
+    load_targets,
+    target_shape,
+    targets_metadata,
+    training_dataset,
+    training_stream,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +74,7 @@ RESULT_INDEPENDENT_FIELDS = (
     "logging_steps",
     "dataloader_num_workers",
     "report_to",
+    "gradient_checkpointing",  # recomputes the same activations
 )
 
 
@@ -76,7 +94,25 @@ class FinetuneConfig:
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (constant)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping (total L2 norm)."})
-    per_device_batch_size: int = field(default=2, metadata={"help": "Views per process per step."})
+    per_device_batch_size: int = field(default=2, metadata={"help": "Views per process per batch."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Batches per optimizer step (the loss is averaged over them); a step sees batch x this x processes views."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute each block's activations in the backward pass: less memory, more time."}
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the dataset as it is needed (IterableDataset): a Hub id is not downloaded first, no Arrow cache."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=256, metadata={"help": "streaming: views each process holds in its shuffle buffer (ViT-S at 41x62: ~2 MB each)."}
+    )
     num_epochs: int = field(default=1, metadata={"help": "Passes over the dataset."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides num_epochs)."})
     flip_probability: float = field(default=0.5, metadata={"help": "Joint horizontal flip of image, target and mask."})
@@ -187,7 +223,7 @@ def random_hflip(
     return images, targets, masks
 
 
-def check_dataset(dataset: datasets.Dataset, backbone_config) -> None:
+def check_dataset(dataset: datasets.Dataset | datasets.IterableDataset, backbone_config) -> None:
     """Refuse, before training, a targets dataset that does not fit the backbone (width, patch grid)."""
     hidden_size, grid_height, grid_width = target_shape(dataset)
     width = backbones.hidden_size_of(backbone_config)
@@ -198,16 +234,16 @@ def check_dataset(dataset: datasets.Dataset, backbone_config) -> None:
             f"the dataset's targets are {hidden_size}-dimensional (rendered for {made_for}) but the backbone "
             f"is {width} wide; render targets with the backbone you fine-tune (`fit3d render --backbone ...`)"
         )
-    if len(dataset) == 0:
+    if _num_views(dataset) == 0:
         raise InputError("the targets dataset is empty")
     if metadata.get("valid_fraction") and not any(metadata["valid_fraction"].values()):
         raise InputError(
             "no target cell of the dataset is valid (every mask is 0: the renders cover nothing); "
             "lift the scenes longer or check the scene masks"
         )
-    image = dataset.select_columns(["image"]).with_format("torch")[0]["image"]
+    first = next(iter(dataset.select_columns(["image"])))["image"]
     patch = backbones.patch_size_of(backbone_config)
-    height, width_px = image.shape[-2:]
+    height, width_px = first.shape[-2:] if isinstance(first, torch.Tensor) else (first.height, first.width)
     try:
         backbones.check_image_size(height, width_px, backbone_config)
     except ValueError as error:
@@ -217,6 +253,16 @@ def check_dataset(dataset: datasets.Dataset, backbone_config) -> None:
             f"images of {height}x{width_px} give a {height // patch}x{width_px // patch} patch grid at patch size "
             f"{patch}, but the targets are {grid_height}x{grid_width}; the dataset was rendered for another patch size"
         )
+
+
+def _num_views(dataset: datasets.Dataset | datasets.IterableDataset) -> int | None:
+    """Rows of a dataset; for a streamed one, as its metadata or its split info says (None if neither does)."""
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.num_rows
+    if targets_metadata(dataset).get("num_views") is not None:
+        return targets_metadata(dataset)["num_views"]
+    split = (dataset.info.splits or {}).get("train")
+    return split.num_examples if split is not None and split.num_examples else None
 
 
 def _normalization(config: FinetuneConfig, metadata: dict, model_config) -> str:
@@ -271,14 +317,68 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, to
     accelerator.wait_for_everyone()
 
 
-def _flip_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    # Flips are a pure function of (seed, step, rank), so a resumed run draws the same ones
+def _flip_generator(seed: int, batch_index: int, rank: int) -> torch.Generator:
+    # Flips are a pure function of (seed, batch, rank), so a resumed run draws the same ones
     # whatever else consumed random numbers in between.
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + rank)
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch_index * 101 + rank)
+
+
+def _freeze_unused_parameters(model: PreTrainedModel) -> list[str]:
+    """Freeze the parameters that get no gradient from the patch features (e.g. DINOv2's mask token),
+    found by one forward and backward of a one-patch image; return their names. AdamW skips them
+    anyway, and frozen they spare DDP the search for unused parameters (`find_unused_parameters`)
+    in every step."""
+    patch, training = backbones.patch_size_of(model.config), model.training
+    weight = next(model.parameters())
+    backbones.extract_features(model.train(), weight.new_zeros(1, 3, patch, patch)).feature_maps.sum().backward()
+    unused = [name for name, parameter in model.named_parameters() if parameter.requires_grad and parameter.grad is None]
+    for name, parameter in model.named_parameters():
+        parameter.grad = None
+        if name in unused:
+            parameter.requires_grad_(False)
+    model.train(training)
+    return unused
+
+
+def _epoch_batches(
+    loader: torch.utils.data.DataLoader,
+    accelerator: Accelerator,
+    epoch: int,
+    skip: int,
+    num_batches: int | None,
+    stream: datasets.IterableDataset | None,
+    group: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of one epoch after its first `skip` ones, at most `num_batches` in all (None: a
+    streamed epoch of unknown length, until a process runs out).
+
+    Map-style: accelerate's prepared loader, reshuffled per epoch, skipping without reading.
+    Streamed (`stream` is the process's part of the dataset): reshuffled per epoch, skipped batches
+    are read and dropped (a shuffle buffer cannot be restored, so a resumed run replays its epoch to
+    the checkpoint), moved to the device here, and handed out `group` (one optimizer step) at a time
+    while every process has a full group: processes may hold a few views more or less, and DDP
+    needs all of them in every step.
+    """
+    if stream is None:
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch_loader.set_epoch(epoch)
+        yield from itertools.islice(epoch_loader, num_batches - skip)
+        return
+    stream.set_epoch(epoch)  # before iter(): the DataLoader's workers take a copy
+    batches = iter(loader)
+    for _ in range(skip):
+        next(batches)
+    for _ in itertools.count() if num_batches is None else range((num_batches - skip) // group):
+        steps = list(itertools.islice(batches, group))
+        full = torch.tensor([len(steps) == group], device=accelerator.device)
+        if not bool(accelerator.gather(full).all()):
+            return
+        for batch in steps:
+            yield {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
 
 
 def finetune(
-    dataset: str | os.PathLike | datasets.Dataset,
+    dataset: str | os.PathLike | datasets.Dataset | datasets.IterableDataset,
     backbone: str | PreTrainedModel,
     output_dir: str | os.PathLike,
     config: FinetuneConfig | None = None,
@@ -288,12 +388,14 @@ def finetune(
     """Fine-tune a copy of `backbone` on a targets dataset and save the FiT3DModel to `output_dir`.
 
     Args:
-        dataset: a folder written by `fit3d_hf.targets.render_targets`, a pushed folder or a Hub
-            dataset id (opened with `load_targets`), or a `datasets.Dataset` with the columns image,
-            target [Cb, h, w] and mask [h, w].
+        dataset: a folder written by `fit3d_hf.targets.render_targets`, a folder in the Hub layout or
+            a Hub dataset id (opened with `load_targets`, streamed when `config.streaming`), or a
+            `datasets.Dataset` / `datasets.IterableDataset` with the columns image, target [Cb, h, w]
+            and mask [h, w].
         backbone: a `--backbone` spec (`fit3d_hf.backbone_specs.load_backbone_spec`; random weights
             seeded by `config.seed`) or a transformers backbone of a FiT3D family. It is paired with
-            a trainable copy of itself (`FiT3DModel.from_backbone`, concat) and left unchanged.
+            a trainable copy of itself (`FiT3DModel.from_backbone`, concat) and left unchanged; a
+            spec's backbone is not kept beside the two copies.
         output_dir: the FiT3DModel folder: `save_pretrained`, the image processor
             (`backbones.make_image_processor`, as `fit3d convert` writes) and `fit3d_finetune.json`,
             written atomically at the end. Checkpoints go to `<output_dir>/checkpoints/step_<N>/`
@@ -317,34 +419,59 @@ def finetune(
     _check_config(config)
     output_dir = check_output_folder(output_dir, what="the fine-tuning output folder")
     resume_from_checkpoint = _resume_point(output_dir, resume_from_checkpoint)
-    dataset_source = None if isinstance(dataset, datasets.Dataset) else str(dataset)
+    dataset_source = None if isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)) else str(dataset)
     if dataset_source is not None:
-        dataset = _open_targets(dataset_source)
+        dataset = _open_targets(dataset_source, streaming=config.streaming)
+    streaming = isinstance(dataset, datasets.IterableDataset)
     if isinstance(backbone, FiT3DModel):
         raise TypeError("backbone is a FiT3DModel; pass the backbone to fine-tune (e.g. its .finetuned) or a --backbone spec")
     if isinstance(backbone, (str, os.PathLike)):
         backbone, name = load_backbone_spec(str(backbone), config.seed)
+        identity = backbone_identity(backbone)
+        model = FiT3DModel.from_backbone(backbone, assembly="concat")
+        del backbone  # the FiT3DModel holds two copies; a third would stay in memory through training
     else:
         name = backbone_name(backbone)
-    identity = backbone_identity(backbone)
-    model = FiT3DModel.from_backbone(backbone, assembly="concat")
+        identity = backbone_identity(backbone)
+        model = FiT3DModel.from_backbone(backbone, assembly="concat")
     check_dataset(dataset, model.config)
     _check_targets_backbone(targets_metadata(dataset), identity, dataset_source)
     backbones.set_normalization(model.config, _normalization(config, targets_metadata(dataset), model.config))
+    num_views = _num_views(dataset)
+    if streaming and num_views is None and config.max_steps is None:
+        raise InputError("the streamed dataset does not say how many views it has (no num_views metadata): pass max_steps")
     log_with = None
     if config.report_to not in ("none", "", None):
         available = [str(t) for t in get_available_trackers()]
         if config.report_to not in available:
             raise ValueError(f"--report_to {config.report_to!r} is not installed here; available trackers: {available or 'none'}")
         log_with = config.report_to
+
+    backbone_config = model.finetuned.config
+    model.original.requires_grad_(False)
+    model.finetuned.requires_grad_(True).train()
+    frozen = _freeze_unused_parameters(model.finetuned)
+    if config.gradient_checkpointing:
+        if not model.finetuned.supports_gradient_checkpointing:
+            raise ValueError(f"{type(model.finetuned).__name__} does not support gradient checkpointing")
+        # Non-reentrant: the input (pixels) needs no gradient. transformers 5.x renamed the method.
+        if hasattr(model.finetuned, "activation_checkpointing_enable"):
+            model.finetuned.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.finetuned.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The device: an accelerator torch sees (CUDA, MPS, XPU, ...), or the CPU; `accelerate launch` sets the processes.
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        # CPU only where torch sees no accelerator (CUDA, MPS, XPU, ...): under `accelerate launch` with
+        # several CPU processes, accelerate alone starts each as a silent single process.
+        cpu=not torch.accelerator.is_available(),
         mixed_precision=None if config.mixed_precision == "no" else config.mixed_precision,
         log_with=log_with,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-        # Parameters outside the patch-token path (e.g. DINOv2's mask token) get no gradient.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # Epochs end on whole optimizer steps (see `_epoch_batches`), so no sync is forced at a loader's end.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
     )
     provenance = {
         "backbone": identity,
@@ -374,77 +501,109 @@ def finetune(
     if log_with is not None:
         accelerator.init_trackers("fit3d_finetune", config=asdict(config))
 
-    backbone_config = model.finetuned.config
-    model.original.requires_grad_(False)
-    model.finetuned.requires_grad_(True).train()
     student = FeatureMapHead(model.finetuned)
+    trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
     # The fused kernel (CPU and CUDA) makes the step ~5x cheaper than the for-loop default on CPU.
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
-    dataloader = torch.utils.data.DataLoader(
-        training_dataset(dataset),
-        batch_size=config.per_device_batch_size,
-        shuffle=True,
-        collate_fn=collate_targets,
-        num_workers=config.dataloader_num_workers,
-        drop_last=True,
-    )
-    student, optimizer, dataloader = accelerator.prepare(student, optimizer, dataloader)
-    steps_per_epoch = len(dataloader)
-    if steps_per_epoch == 0:
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
+    batches_per_step, world = config.gradient_accumulation_steps, accelerator.num_processes
+    if streaming:
+        # Shuffled before the split: every process draws the same shard order, so the parts are disjoint.
+        stream = split_dataset_by_node(
+            training_stream(dataset).shuffle(seed=config.seed, buffer_size=config.shuffle_buffer_size),
+            rank=accelerator.process_index,
+            world_size=world,
+        )
+        dataloader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=config.per_device_batch_size,
+            collate_fn=collate_training_rows,
+            num_workers=config.dataloader_num_workers,
+            drop_last=True,
+        )
+        student, optimizer = accelerator.prepare(student, optimizer)
+        batches_per_epoch = (num_views or 0) // (world * config.per_device_batch_size)
+    else:
+        stream = None
+        dataloader = torch.utils.data.DataLoader(
+            training_dataset(dataset),
+            batch_size=config.per_device_batch_size,
+            shuffle=True,
+            collate_fn=collate_targets,
+            num_workers=config.dataloader_num_workers,
+            drop_last=True,
+        )
+        student, optimizer, dataloader = accelerator.prepare(student, optimizer, dataloader)
+        batches_per_epoch = len(dataloader)
+    steps_per_epoch = batches_per_epoch // batches_per_step
+    if steps_per_epoch == 0 and num_views is not None:
         raise ValueError(
-            f"{len(dataset)} views give no full batch of {config.per_device_batch_size} on each of "
-            f"{accelerator.num_processes} processes; lower per_device_batch_size"
+            f"{num_views} views give no full step of {config.per_device_batch_size} x {batches_per_step} accumulated on each of "
+            f"{world} processes; lower per_device_batch_size or gradient_accumulation_steps"
         )
     total_steps = config.max_steps if config.max_steps is not None else config.num_epochs * steps_per_epoch
-    effective_batch_size = config.per_device_batch_size * accelerator.num_processes
+    effective_batch_size = config.per_device_batch_size * batches_per_step * world
+    accumulated = f" x {batches_per_step} accumulated" if batches_per_step > 1 else ""
     accelerator.print(
-        f"effective batch {effective_batch_size} ({config.per_device_batch_size} per process x {accelerator.num_processes} "
+        f"effective batch {effective_batch_size} ({config.per_device_batch_size} per process{accumulated} x {world} "
         f"processes) at lr {config.learning_rate:g}; the paper's: 2 at 1e-5 (FinetuneConfig)"
     )
 
-    global_step = 0
+    global_step, epoch, epoch_step = 0, 0, 0  # epoch_step: optimizer steps taken in `epoch`
     losses: list[tuple[int, float]] = []
     if resume_from_checkpoint is not None:
         accelerator.load_state(str(resume_from_checkpoint))
-        global_step = trainer_state["global_step"]
+        global_step, epoch, epoch_step = trainer_state["global_step"], trainer_state["epoch"], trainer_state["epoch_step"]
         losses = [tuple(entry) for entry in trainer_state["losses"]]
         accelerator.print(f"resumed from {resume_from_checkpoint} at step {global_step}")
 
     progress = tqdm(total=total_steps, initial=global_step, desc="finetune", disable=not accelerator.is_local_main_process)
     rank = accelerator.process_index
     while global_step < total_steps:
-        epoch, skip = divmod(global_step, steps_per_epoch)
-        epoch_loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        epoch_loader.set_epoch(epoch)
-        for batch in epoch_loader:
-            images, targets, masks = random_hflip(
-                batch["images"],
-                batch["targets"],
-                batch["masks"],
-                config.flip_probability,
-                _flip_generator(config.seed, global_step, rank),
-            )
-            pixel_values = backbones.normalize(images.float() / 255.0, backbone_config)
-            output = student(pixel_values)
-            loss = masked_l1(output.float(), targets.float(), masks.float())
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        # A streamed epoch of unknown length ends when a process runs out (max_steps bounds the run).
+        epoch_batches = steps_per_epoch * batches_per_step if num_views is not None else None
+        batches = _epoch_batches(
+            dataloader, accelerator, epoch, epoch_step * batches_per_step, epoch_batches, stream, batches_per_step
+        )
+        batch_index = global_step * batches_per_step
+        step_loss = 0.0
+        for batch in batches:
+            with accelerator.accumulate(student):
+                images, targets, masks = random_hflip(
+                    batch["images"],
+                    batch["targets"],
+                    batch["masks"],
+                    config.flip_probability,
+                    _flip_generator(config.seed, batch_index, rank),
+                )
+                pixel_values = backbones.normalize(images.float() / 255.0, backbone_config)
+                output = student(pixel_values)
+                loss = masked_l1(output.float(), targets.float(), masks.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_index += 1
+            step_loss = step_loss + loss.detach() / batches_per_step
+            if not accelerator.sync_gradients:
+                continue
             global_step += 1
+            epoch_step += 1
             progress.update(1)
 
             if global_step % config.logging_steps == 0 or global_step == total_steps:
-                mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
+                mean_loss = accelerator.gather(step_loss[None]).mean().item()
                 losses.append((global_step, mean_loss))
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
                 if accelerator.is_main_process:
                     progress.write(f"step {global_step}/{total_steps} epoch {epoch} loss {mean_loss:.5f}")  # keeps the bar intact
                 accelerator.log({"train/loss": mean_loss, "train/epoch": epoch}, step=global_step)
+            step_loss = 0.0
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 state = {
                     "global_step": global_step,
                     "epoch": epoch,
+                    "epoch_step": epoch_step,
                     "losses": losses,
                     "config": asdict(config),
                     PROVENANCE_KEY: provenance,
@@ -452,6 +611,10 @@ def finetune(
                 _save_checkpoint(accelerator, output_dir, state, config.checkpoints_total_limit)
             if global_step >= total_steps:
                 break
+        else:
+            if epoch_step == 0:
+                raise ValueError(f"epoch {epoch} gave no full step on some process; the dataset is too small for this batch")
+            epoch, epoch_step = epoch + 1, 0
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -465,7 +628,8 @@ def finetune(
         "config": asdict(config),
         "normalization": backbones.normalization_of(model.config),
         "effective_batch_size": effective_batch_size,
-        "num_views": dataset.num_rows,
+        "num_views": num_views,
+        "frozen_parameters": frozen,
         "global_step": global_step,
         "num_processes": len(rank_checksums),
         "rank_checksums": rank_checksums,
@@ -492,7 +656,9 @@ def _check_config(config: FinetuneConfig) -> None:
     limits = (
         ("max_steps", config.max_steps, 1, "a model saved after no step would be called fine-tuned"),
         ("num_epochs", config.num_epochs, 1, "a model saved after no step would be called fine-tuned"),
-        ("per_device_batch_size", config.per_device_batch_size, 1, "views per process per step"),
+        ("per_device_batch_size", config.per_device_batch_size, 1, "views per process per batch"),
+        ("gradient_accumulation_steps", config.gradient_accumulation_steps, 1, "batches per optimizer step"),
+        ("shuffle_buffer_size", config.shuffle_buffer_size, 1, "views each process holds to shuffle a stream"),
         ("checkpoints_total_limit", config.checkpoints_total_limit, 1, "0 would delete every checkpoint"),
         ("checkpointing_steps", config.checkpointing_steps, 0, "0 means never"),
         ("logging_steps", config.logging_steps, 1, "the loss is logged every this many steps"),
@@ -551,11 +717,11 @@ def _resume_point(output_dir: Path, resume: str | os.PathLike | None) -> Path | 
     return path
 
 
-def _open_targets(source: str) -> datasets.Dataset:
-    """`load_targets(source)`, with errors that name the dataset and the fix."""
+def _open_targets(source: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """`load_targets(source, streaming=streaming)`, with errors that name the dataset and the fix."""
     check_source(source, "targets dataset")
     try:
-        return load_targets(source)
+        return load_targets(source, streaming=streaming)
     except UserError:
         raise
     except FileNotFoundError as error:
@@ -591,11 +757,11 @@ def _check_targets_backbone(metadata: dict, identity: dict, source: str | None) 
     )
 
 
-def _targets_identity(dataset: datasets.Dataset) -> dict:
+def _targets_identity(dataset: datasets.Dataset | datasets.IterableDataset) -> dict:
     """What identifies a targets dataset for a fine-tuning run: size, shape and a hash of its metadata."""
     metadata = targets_metadata(dataset)
     return {
-        "num_rows": dataset.num_rows,
+        "num_rows": _num_views(dataset),
         "target_shape": list(target_shape(dataset)),
         "metadata_sha256": hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest() if metadata else None,
     }
@@ -603,7 +769,11 @@ def _targets_identity(dataset: datasets.Dataset) -> dict:
 
 def _save_model(model: FiT3DModel, output_dir: Path, training_info: dict) -> None:
     """Write the FiT3DModel folder atomically. The sub-folders the run left in `output_dir`
-    (checkpoints, tracker logs) are carried into the new folder; files of an earlier save are replaced."""
+    (checkpoints, tracker logs) are carried into the new folder; files of an earlier save are replaced.
+    The backbone's `_name_or_path` is kept only when it is not a local path (a Hub id, a built-in name)."""
+    # A published config must not carry a path of this machine; a Hub id or a built-in name stays.
+    name = model.config.backbone_config._name_or_path or ""
+    model.config.backbone_config._name_or_path = "" if os.path.isabs(name) or os.path.exists(name) else name
     with atomic_directory(output_dir, overwrite=True) as staging:
         model.save_pretrained(staging)
         backbones.make_image_processor(model.config).save_pretrained(staging)

@@ -80,3 +80,22 @@ def test_openmp_waits_passively_unless_torch_is_loaded_or_the_user_chose(monkeyp
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     threads.prepare_openmp()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_config_names_a_shipped_config(tmp_path, capsys):
+    from fit3d_hf.commands import CONFIGS_DIR, config_path
+    from fit3d_hf.commands.finetune import FinetuneArguments
+    from fit3d_hf.finetune import FinetuneConfig
+
+    assert config_path("finetune_cpu") == config_path("finetune_cpu.yaml") == str(CONFIGS_DIR / "finetune_cpu.yaml")
+    local = tmp_path / "finetune_cpu"  # an existing file wins over a shipped name
+    local.write_text("max_steps: 3\n")
+    assert config_path(str(local)) == str(local)
+    shipped = yaml.safe_load((CONFIGS_DIR / "finetune_cpu.yaml").read_text())
+    _, config = parse_args(
+        (FinetuneArguments, FinetuneConfig), ["--config", "finetune_cpu", "--dataset", "d", "--output_dir", "o"], "p", "d"
+    )
+    assert all(getattr(config, key) == value for key, value in shipped.items() if hasattr(config, key))
+    with pytest.raises(SystemExit):
+        parse_args((FinetuneArguments, FinetuneConfig), ["--config", "no_such_preset"], "p", "d")
+    assert "shipped: [" in capsys.readouterr().err

@@ -1,3 +1,4 @@
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -212,3 +213,33 @@ def test_evaluate_command_on_a_paper_layout(tmp_path):
     tasks = {(r["source"], r["task"]) for r in results["results"]}
     assert tasks == {(s, t) for s in ("original", "fit3d") for t in ("segmentation", "depth")}
     assert (tmp_path / "eval" / "results.json").is_file()
+
+
+def test_hub_dataset_ids_load_through_load_dataset(tmp_path, hub_cache):
+    from fit3d_hf.errors import InputError
+    from fit3d_hf.evaluation import BenchmarkConfig, EvaluationArguments, evaluate
+    from fit3d_hf.evaluation.data import load_hf_splits
+
+    rows = datasets.Dataset.from_dict(
+        {
+            "image": [Image.new("RGB", (16, 16), (40 * i, 80, 120)) for i in range(3)],
+            "semantics": [np.eye(16, dtype=np.uint8)] * 3,
+        }
+    )
+    files = {}
+    for split in ("train", "validation"):
+        rows.to_parquet(str(tmp_path / f"{split}.parquet"))
+        files[split] = [str(tmp_path / f"{split}.parquet")]
+    hub_cache("me/segbench", files)  # as an earlier online `load_dataset("me/segbench")` left it
+    data = load_hf_splits("me/segbench")
+    assert sorted(data) == ["train", "validation"] and data["train"].num_rows == 3
+    folder = tmp_path / "files"  # a folder of data files, as load_dataset reads it
+    (folder / "data").mkdir(parents=True)
+    rows.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    assert load_hf_splits(folder)["train"].num_rows == 3
+    # `fit3d evaluate --dataset <hub id>` opens it with the `hf` checks: here its splits are named.
+    args = EvaluationArguments(
+        output_dir=str(tmp_path / "out"), model="unused", dataset="me/segbench", semantics_column="semantics", num_labels=2
+    )
+    with pytest.raises(InputError, match=r"me/segbench has no split 'test' \(its splits: \['train', 'validation'\]\)"):
+        evaluate(args, BenchmarkConfig.cpu_preset())

@@ -109,9 +109,11 @@ def test_loss_decreases_and_only_the_copy_trains(tmp_path, targets_dir):
     assert not (result.output_dir / "README.md").exists()  # cards are the caller's (fit3d_hf.hub)
 
 
-def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path, targets_dir, backbone_dir, monkeypatch):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path, targets_dir, backbone_dir, monkeypatch, streaming):
     dataset = str(targets_dir)  # folders and specs, as the command passes them
-    config = fast_config(max_steps=7, checkpointing_steps=3)  # 4 steps per epoch: resumes mid-epoch 0, crosses into 1
+    # 4 steps per epoch: resumes mid-epoch 0, crosses into 1; a stream replays its epoch to the checkpoint.
+    config = fast_config(max_steps=7, checkpointing_steps=3, streaming=streaming, shuffle_buffer_size=4)
     uninterrupted = finetune(dataset, str(backbone_dir), tmp_path / "a", config)
     AcceleratorState._reset_state(reset_partial_state=True)
 
@@ -139,6 +141,96 @@ def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path, targets_di
     # The final save keeps the checkpoints beside the model (a later run can still resume).
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
     assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+def test_streamed_epochs_and_accumulation_count_optimizer_steps(tmp_path, targets_dir):
+    # 8 views, batch 1, 2 batches accumulated per step: 4 optimizer steps per epoch.
+    config = fast_config(per_device_batch_size=1, gradient_accumulation_steps=2, num_epochs=2, streaming=True)
+    result = finetune(str(targets_dir), tiny_backbone(seed=0), tmp_path / "run", config)
+    assert result.global_step == 8 and [step for step, _ in result.losses] == list(range(1, 9))
+    info = result.training_info
+    assert info["effective_batch_size"] == 2 and info["num_views"] == 8
+    assert "accumulated" in hub.finetune_card_extra(info)["training"]
+    assert weights_checksum(result.model.finetuned) != weights_checksum(result.model.original)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, targets_dir):
+    plain = finetune(targets_dir, tiny_backbone(seed=0), tmp_path / "a", fast_config(max_steps=2))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    checkpointed = finetune(
+        targets_dir, tiny_backbone(seed=0), tmp_path / "b", fast_config(max_steps=2, gradient_checkpointing=True)
+    )
+    for a, b in zip(plain.model.finetuned.parameters(), checkpointed.model.finetuned.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_unused_parameters_are_frozen_not_searched_by_ddp():
+    torch.manual_seed(0)
+    backbone = backbones.build_backbone(backbones.tiny_config("dinov2", patch_size=PATCH, hidden_size=32, use_mask_token=True))
+    # DINOv2's mask token gets no gradient from the patch features: frozen, so DDP needs no find_unused_parameters.
+    assert finetune_module._freeze_unused_parameters(backbone) == ["embeddings.mask_token"]
+    assert (
+        not backbone.embeddings.mask_token.requires_grad and backbone.embeddings.patch_embeddings.projection.weight.requires_grad
+    )
+    assert all(parameter.grad is None for parameter in backbone.parameters())
+
+
+def test_accumulation_steps_below_one_refused(tmp_path, targets_dir):
+    with pytest.raises(ValueError, match="gradient_accumulation_steps is 0"):
+        finetune(targets_dir, tiny_backbone(seed=0), tmp_path / "run", fast_config(gradient_accumulation_steps=0))
+
+
+STREAM_SCRIPT = """
+import hashlib, json, sys
+from accelerate import PartialState
+from fit3d_hf import finetune as finetune_module
+from fit3d_hf.finetune import FinetuneConfig, finetune
+
+seen = []
+collate = finetune_module.collate_training_rows
+
+
+def recording(rows):  # every view this process trains on, by the hash of its target
+    batch = collate(rows)
+    seen.extend(hashlib.sha256(target.numpy().tobytes()).hexdigest() for target in batch["targets"])
+    return batch
+
+
+finetune_module.collate_training_rows = recording
+dataset, backbone, output_dir = sys.argv[1:4]
+config = FinetuneConfig(
+    streaming=True, num_epochs=2, per_device_batch_size=2, shuffle_buffer_size=4, learning_rate=1e-3,
+    logging_steps=1, checkpointing_steps=0, flip_probability=0.0,
+)
+result = finetune(dataset, backbone, output_dir, config)
+with open(f"{output_dir}.rank{PartialState().process_index}.json", "w") as f:
+    json.dump({"seen": seen, "global_step": result.global_step}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_stream_every_view_once_per_epoch(tmp_path, targets_dir, backbone_dir):
+    import hashlib
+
+    export = hub.export_for_hub(targets_dir, tmp_path / "export", num_shards=2)  # the Hub layout: parquet shards
+    script = tmp_path / "stream.py"
+    script.write_text(STREAM_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    config = str(ROOT / "fit3d_hf" / "configs" / "accelerate_cpu_2proc.yaml")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, str(script)]
+    run = subprocess.run(
+        [*command, str(export), str(backbone_dir), str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    targets = load_targets(targets_dir).with_format("numpy")["target"]
+    views = sorted(hashlib.sha256(target.astype("float16").tobytes()).hexdigest() for target in targets)
+    ranks = [json.loads((tmp_path / f"run.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [4, 4]  # 8 views / (2 processes x 2) per epoch, 2 epochs
+    for epoch in (0, 1):
+        # 4 views per process per epoch, the two processes' parts disjoint: each view exactly once.
+        assert sorted(ranks[0]["seen"][4 * epoch : 4 * epoch + 4] + ranks[1]["seen"][4 * epoch : 4 * epoch + 4]) == views
+    info = json.loads((tmp_path / "run" / "fit3d_finetune.json").read_text())
+    assert info["num_processes"] == 2 and info["rank_checksums"][0] == info["rank_checksums"][1]
 
 
 def test_wrong_target_width_refused_before_training(tmp_path, targets_dir):
@@ -182,6 +274,9 @@ def test_command_saves_model_processor_card_and_pushes(tmp_path, targets_dir, ba
     expected = backbones.normalize(torch.nn.functional.interpolate(image[None], size=(32, 48), mode="bilinear"), loaded.config)
     assert torch.allclose(processor(image, do_rescale=False, return_tensors="pt")["pixel_values"], expected, atol=0.05)
     assert "fine-tuned for 2 steps" in (out / "README.md").read_text()
+    # A published config names no folder of this machine (the backbone was a local folder).
+    assert json.loads((out / "config.json").read_text())["backbone_config"].get("_name_or_path", "") == ""
+    assert 'from_pretrained("me/fit3d-tiny")' in (out / "README.md").read_text()  # the usage snippet names the repo
     assert uploads and uploads[0]["repo_id"] == "me/fit3d-tiny" and Path(uploads[0]["folder_path"]) == out
 
 

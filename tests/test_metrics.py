@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +67,36 @@ def test_depth_metrics_average_over_images_clamp_and_skip_empty():
     assert depth_errors(torch.tensor([[100.0]]), torch.tensor([[9.0]]), max_depth=10.0)[0, 5] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="NaN"):
         depth_errors(torch.tensor([[float("nan")]]), torch.tensor([[1.0]]))
+
+
+def test_hub_style_compute_matches_the_constructor_form():
+    rng = np.random.default_rng(0)
+    pred, ref = rng.integers(0, 4, (2, 5, 6)), rng.integers(0, 4, (2, 5, 6))
+    ref[0, 0] = 9  # ignored below
+    constructed = MeanIoU(num_labels=4, ignore_index=9).compute(predictions=pred, references=ref)
+    # As the Hub's mean_iou is called: the classes and the ignored label at compute, a list of maps.
+    hub_style = MeanIoU().compute(predictions=list(pred), references=list(ref), num_labels=4, ignore_index=9)
+    assert hub_style["mean_iou"] == pytest.approx(constructed["mean_iou"])
+    assert hub_style["overall_accuracy"] == pytest.approx(constructed["overall_accuracy"])
+    with pytest.raises(ValueError, match="num_labels"):
+        MeanIoU().compute(predictions=pred, references=ref)
+
+
+def test_shipped_metric_folders_load_with_evaluate_and_have_cards():
+    import evaluate
+
+    from fit3d_hf.evaluation.metrics import metric_path
+
+    pred = np.array([[[0, 1], [1, 1]]])
+    ref = np.array([[[0, 1], [0, 1]]])
+    miou = evaluate.load(metric_path("mean_iou"))
+    out = miou.compute(predictions=pred, references=ref, num_labels=2, ignore_index=255)
+    assert out["mean_iou"] == pytest.approx(MeanIoU(num_labels=2).compute(predictions=pred, references=ref)["mean_iou"])
+    depth = evaluate.load(metric_path("depth"), max_depth=10.0)
+    gt = np.full((1, 2, 2), 2.0)
+    assert depth.compute(predictions=gt * 1.1, references=gt)["abs_rel"] == pytest.approx(0.1)
+    for name in ("mean_iou", "depth"):
+        card = (Path(metric_path(name)) / "README.md").read_text()
+        assert card.startswith("---") and "title:" in card  # a metric card with its Hub header
+    with pytest.raises(ValueError, match="unknown metric"):
+        metric_path("accuracy")

@@ -1,10 +1,13 @@
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
+from huggingface_hub import DatasetCard
 
 from fit3d_hf import backbones, hub
 from fit3d_hf.hub import push_targets
@@ -13,11 +16,15 @@ from fit3d_hf.scenes import synthetic
 from fit3d_hf.targets import (
     METADATA_FILE,
     PAPER_TARGETS,
+    PREVIEW_MIN_LONG_SIDE,
     bytes_per_view,
+    collate_training_rows,
     gaussian_blur,
     load_targets,
     render_targets,
+    target_preview,
     targets_metadata,
+    training_stream,
 )
 
 PATCH = 8
@@ -99,6 +106,7 @@ def test_lifted_targets_schema_values_and_metadata(lifted, room, feature_vector,
     assert metadata["backbone"]["hidden_size"] == WIDTH and metadata["backbone"]["patch_size"] == PATCH
     assert metadata["patch_grid"] == [6, 8] and metadata["feature_dim"] == {room.scene_id: FEATURE_DIM}
     assert metadata["render"]["render_scale"] == 0.5 and 0.5 < metadata["valid_fraction"][room.scene_id] <= 1
+    assert metadata["num_views"] == dataset.num_rows and metadata["scene_sources"] == {"synthetic": 1}
     assert json.loads((root / "targets" / METADATA_FILE).read_text()) == metadata
     # Nothing temporary is left beside the dataset.
     assert sorted(p.name for p in root.iterdir()) == ["gaussians", "targets"]
@@ -172,26 +180,133 @@ def test_existing_output_refused_and_interrupted_run_resumes(tmp_path, room, bac
         render_targets(rooms, backbone, tmp_path / "d", target_source="single_view_blur")
 
 
-def test_push_sends_parquet_card_and_metadata(tmp_path, lifted, monkeypatch):
+def test_export_shards_card_metadata_and_reads_back(tmp_path, lifted):
     root, dataset = lifted
-    sent = {}
-
-    def fake_upload_folder(*, repo_id, folder_path, repo_type, **kwargs):
-        files = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file())
-        sent.update(repo_id=repo_id, repo_type=repo_type, files=files, folder=folder_path)
-        return "https://huggingface.co/datasets/me/targets/commit/0"
-
-    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kwargs: sent.setdefault("created", (repo_id, kwargs["repo_type"])))
-    monkeypatch.setattr(hub, "upload_folder", fake_upload_folder)
-    push_targets(root / "targets", "me/targets")
-    assert sent["created"] == ("me/targets", "dataset") and sent["repo_type"] == "dataset"
-    assert sent["files"] == sorted(["README.md", METADATA_FILE, "data/train-00000-of-00001.parquet"])
+    size = datasets.load_from_disk(str(root / "targets")).data.nbytes
+    folder = hub.export_for_hub(root / "targets", tmp_path / "hub", max_shard_size=size // 3 + 1)
+    shards = sorted(p.name for p in (folder / "data").iterdir())
+    assert shards == [f"train-0000{i}-of-00003.parquet" for i in range(3)]  # as push_to_hub counts them
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["README.md", METADATA_FILE, "data"])
     # What would be uploaded reads back with the same rows, float16 targets and metadata.
-    pushed = load_targets(sent["folder"])
-    assert pushed.num_rows == dataset.num_rows
-    assert pushed.features["target"] == dataset.features["target"]
+    pushed = load_targets(folder)
+    assert pushed.num_rows == dataset.num_rows and pushed.features["target"] == dataset.features["target"]
     assert torch.equal(pushed[0]["target"], dataset[0]["target"]) and pushed[0]["target"].dtype == torch.float16
     assert targets_metadata(pushed) == targets_metadata(dataset)
+    # The card, read by huggingface_hub: licence (the backbone's: these are random-init tiny dinov2 features,
+    # whose family is apache-2.0), task category, size, and the data files the Hub viewer reads.
+    card = DatasetCard.load(folder / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.task_categories == ["image-feature-extraction"]
+    assert card.data.size_categories == ["n<1K"] and "extra_gated_prompt" not in card.data.to_dict()
+    assert card.data.configs == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
+    assert "ScanNet++" not in card.text and f"{dataset.num_rows} views of 1 scene(s)" in card.text
+    # How the targets were made, as the metadata records it: mask kind, normalisation, provenance.
+    metadata = targets_metadata(dataset)
+    assert f"Mask `{metadata['render']['mask_kind']}` (uint8)" in card.text
+    assert f"`{metadata['normalization']}`" in card.text
+    assert metadata["provenance"]["backbone"]["weights_sha256"][:16] in card.text
+    with pytest.raises(FileExistsError):
+        hub.export_for_hub(root / "targets", folder)
+
+
+def test_push_targets_uploads_card_metadata_then_shards(tmp_path, lifted, monkeypatch):
+    root, dataset = lifted
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id, kwargs["repo_type"], kwargs["private"]))
+
+        def update_repo_settings(self, repo_id, **kwargs):
+            calls.append(("gated", repo_id, kwargs["gated"]))
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            calls.append(("commit", repo_id, {op.path_in_repo: op.path_or_fileobj for op in operations}))
+
+    def fake_push(self, repo_id, **kwargs):
+        calls.append(("push", repo_id, self.num_rows, kwargs["num_shards"], kwargs["split"], list(self.features)))
+        return type("Info", (), {"commit_url": "https://huggingface.co/datasets/me/targets/commit/1"})()
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", fake_push)
+    temporary = set(Path(tempfile.gettempdir()).iterdir())
+    url = push_targets(root / "targets", "me/targets", private=True, token="t", num_shards=2)
+    assert url.endswith("/commit/1")
+    kinds = [call[0] for call in calls]
+    assert kinds == ["token", "create", "commit", "push"]  # not gated: procedural rooms
+    files = calls[2][2]
+    assert json.loads(files[METADATA_FILE]) == targets_metadata(dataset)  # load_targets(<repo id>) reads it
+    assert DatasetCard(files["README.md"].decode()).data.license == "apache-2.0"
+    assert calls[3][1:5] == ("me/targets", dataset.num_rows, 2, "train") and "preview" in calls[3][5]
+    assert set(Path(tempfile.gettempdir()).iterdir()) <= temporary  # nothing left behind
+
+
+def test_scannetpp_scenes_get_terms_gating_and_a_gated_repo(tmp_path, room, backbone, monkeypatch):
+    import dataclasses
+
+    scannetpp_room = dataclasses.replace(room, source=f"/data/scannetpp/{room.scene_id}/transforms_train.json")
+    dataset = render_targets([scannetpp_room], backbone, tmp_path / "t", target_source="single_view_blur")
+    assert targets_metadata(dataset)["scene_sources"] == {"scannetpp": 1}
+    assert "/data/scannetpp" not in json.dumps(targets_metadata(dataset))  # kinds are recorded, not paths
+    card = hub.targets_card(datasets.load_from_disk(str(tmp_path / "t")))
+    assert card.data.license == "other" and card.data.to_dict()["license_name"] == "scannetpp-terms-of-use"
+    assert "ScanNet++ Terms of Use" in card.data.to_dict()["extra_gated_prompt"]
+    assert "Keep this repository private or gated" in card.text
+    gated = []
+    monkeypatch.setattr(
+        hub,
+        "HfApi",
+        lambda token=None: type(
+            "Api",
+            (),
+            {
+                "create_repo": lambda self, *a, **k: None,
+                "update_repo_settings": lambda self, repo_id, **k: gated.append(k["gated"]),
+                "create_commit": lambda self, *a, **k: None,
+            },
+        )(),
+    )
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, repo_id, **kwargs: "url")
+    push_targets(tmp_path / "t", "me/scannetpp-targets", private=True)
+    assert gated == ["manual"]
+
+
+def test_hub_id_reads_back_with_metadata_and_streams_float16(tmp_path, lifted, hub_cache):
+    root, dataset = lifted
+    folder = hub.export_for_hub(root / "targets", tmp_path / "hub")
+    hub_cache(
+        "me/targets",
+        {"train": [str(p) for p in (folder / "data").glob("*.parquet")]},
+        {METADATA_FILE: (folder / METADATA_FILE).read_text()},
+    )
+    loaded = load_targets("me/targets")
+    assert loaded.num_rows == dataset.num_rows and targets_metadata(loaded) == targets_metadata(dataset)
+    assert loaded[0]["target"].dtype == torch.float16
+    stream = load_targets("me/targets", streaming=True)
+    assert isinstance(stream, datasets.IterableDataset) and targets_metadata(stream) == targets_metadata(dataset)
+    rows = list(training_stream(stream))
+    batch = collate_training_rows(rows[:2])
+    assert batch["targets"].dtype == torch.float16 and batch["targets"].shape == (2, WIDTH, 6, 8)
+    assert batch["images"].shape == (2, 3, 48, 64) and batch["masks"].shape == (2, 6, 8)
+    by_view = {int(dataset[i]["view_id"]): dataset[i]["target"] for i in range(dataset.num_rows)}
+    first = next(iter(stream))
+    assert torch.equal(batch["targets"][0], by_view[first["view_id"]])  # no float32 round trip
+
+
+def test_target_preview_colours_follow_the_features():
+    target = torch.zeros(4, 2, 3)
+    target[0, :, :2] = 1.0  # two kinds of cells
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    valid[1, 2] = False
+    pixels = np.asarray(target_preview(target, valid))
+    scale = -(-PREVIEW_MIN_LONG_SIDE // 3)
+    assert pixels.shape == (2 * scale, 3 * scale, 3)
+    cell = lambda r, c: pixels[r * scale, c * scale]  # noqa: E731
+    assert (cell(0, 0) == cell(1, 1)).all() and not (cell(0, 0) == cell(0, 2)).all()
+    assert not cell(1, 2).any()  # invalid: black
+    assert not np.asarray(target_preview(target, torch.zeros(2, 3, dtype=torch.bool))).any()
 
 
 def test_bytes_per_view():
@@ -246,6 +361,11 @@ def test_scene_mask_marks_targets_invalid(tmp_path, room, backbone, feature_vect
     for i in range(dataset.num_rows):
         mask = dataset[i]["mask"]
         assert not mask[:, :4].any() and mask[:, 4:].float().mean() > 0.5
+    # The preview (what the Hub viewer shows): the grid enlarged to >= 128 px, black where the mask is 0.
+    preview = torch.from_numpy(np.array(datasets.load_from_disk(str(tmp_path / "t"))[0]["preview"]))
+    scale = -(-PREVIEW_MIN_LONG_SIDE // 8)
+    assert preview.shape == (6 * scale, 8 * scale, 3)
+    assert not preview[:, : 4 * scale].any() and preview[:, 4 * scale :].float().std() > 10
 
 
 def test_transparent_lift_warns_and_is_refused_for_training(tmp_path, room, backbone, feature_vector, decoder_center, caplog):

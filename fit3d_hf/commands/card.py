@@ -22,7 +22,10 @@ class CardArguments:
     )
     model_name: str | None = field(default=None, metadata={"help": "Title of the card (default: the folder name)."})
     base_model: str | None = field(default=None, metadata={"help": "Hub id of the backbone the model was fine-tuned from."})
-    license: str | None = field(default=None, metadata={"help": "License id for the card (default apache-2.0)."})
+    license: str | None = field(
+        default=None, metadata={"help": "Licence id for the card (default: the backbone's, e.g. cc-by-nc-4.0 for MAE)."}
+    )
+    repo_id: str | None = field(default=None, metadata={"help": "The Hub id the model will have, for the card's usage snippet."})
     training: str | None = field(default=None, metadata={"help": "Free text for the Training section."})
 
 
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None):
             ("model_name", args.model_name),
             ("base_model", args.base_model),
             ("license", args.license),
+            ("repo_id", args.repo_id),
             ("training", args.training),
         )
         if v is not None

@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None):
     result = finetune(args.dataset, args.backbone, args.output_dir, config, resume_from_checkpoint=args.resume_from_checkpoint)
     if not PartialState().is_main_process:
         return result
-    hub.write_model_card(args.output_dir, extra=hub.finetune_card_extra(result.training_info, backbone=args.backbone))
+    extra = hub.finetune_card_extra(result.training_info, backbone=args.backbone)
+    if args.push_to_hub:
+        extra["repo_id"] = args.push_to_hub
+    hub.write_model_card(args.output_dir, extra=extra)
     print(f"saved the FiT3DModel to {args.output_dir}")
     if args.push_to_hub:
         print(hub.push_to_hub(args.output_dir, args.push_to_hub, private=args.private))

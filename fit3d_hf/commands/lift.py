@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Before the scenes are read (which verifies every image): an unusable folder is found at once.
     check_output_folder(args.output_dir, what="--output_dir")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # CPU only where torch sees no accelerator (CUDA, MPS, XPU, ...): accelerate alone would start a
+    # launched CPU process as a silent single process; `use_cpu` in an accelerate config still applies.
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     scenes = scenes_of(scene_args)
     if not scenes:
         raise InputError("no scenes given: pass --scenes FOLDER ... and/or --synthetic_rooms N")

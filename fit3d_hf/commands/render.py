@@ -16,8 +16,9 @@ DESCRIPTION = """Render the fine-tuning targets of Stage II into a `datasets` da
 
 For every training view: render the scene's lifted features, decode them with the scene's decoder
 at render resolution, resize bilinearly to the backbone's patch grid and store them (float16) with
-the image, a validity mask and the camera. The folder is written atomically and can be published
-with --push_to_hub. `--target_source single_view_blur` builds the single-view control instead
+the image, a validity mask, the camera and a preview picture. The folder is written atomically and
+can be published with --push_to_hub (Parquet shards of at most --max_shard_size, a dataset card and
+fit3d_targets.json; ScanNet++-derived data gets a gated repo). `--target_source single_view_blur` builds the single-view control instead
 (the backbone's own features, blurred; no Gaussians needed).
 
 `--protocol paper` stores the official Stage II data (`targets.PAPER_TARGETS`): every view, the soft
@@ -67,6 +68,7 @@ class RenderArguments:
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cpu' or 'cuda'."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the dataset to this Hub dataset repo."})
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    max_shard_size: str = field(default="500MB", metadata={"help": "--push_to_hub: the largest Parquet shard (e.g. 500MB, 2GB)."})
 
 
 def main(argv: list[str] | None = None):
@@ -105,6 +107,6 @@ def main(argv: list[str] | None = None):
     )
     print(f"wrote {dataset.num_rows} views to {args.output_dir} (target {tuple(dataset.features['target'].shape)} float16)")
     if args.push_to_hub:
-        push_targets(args.output_dir, args.push_to_hub, private=args.private)
+        push_targets(args.output_dir, args.push_to_hub, private=args.private, max_shard_size=args.max_shard_size)
         print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")
     return dataset

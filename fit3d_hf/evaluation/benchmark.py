@@ -56,19 +56,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from datasets import load_from_disk
 from safetensors.torch import load_file, save_file
 
 from .. import __version__, backbones
-from ..backbone_specs import load_backbone_spec, load_fit3d_folder
+from ..backbone_specs import hub_id_of, load_backbone_spec, load_fit3d_folder
 from ..errors import InputError, InputNotFoundError, ProvenanceError, ResultsError
 from ..finetune import TRAINING_INFO_FILE
 from ..io import atomic_write, atomic_write_json, check_output_folder, remove_stale_temporaries
 from ..modeling_fit3d import FiT3DModel
-from ..provenance import PROVENANCE_KEY, backbone_identity, check_backbone, check_source, weight_files_sha256
+from ..provenance import PROVENANCE_KEY, backbone_identity, check_backbone, check_source, hub_error, weight_files_sha256
 from ..scenes import IGNORE_LABEL, load_scene, synthetic
 from .correspondence import correspondence_recall, view_pairs
-from .data import PAPER_DATASETS, EvalDataset, from_hf_dataset, from_scenes, load_eval_dataset
+from .data import PAPER_DATASETS, EvalDataset, from_hf_dataset, from_scenes, load_eval_dataset, load_hf_splits
 from .features import FEATURES_RULE, FeatureSource, extract_source_features, source_features, source_models, source_patch_size
 from .heads import DEPTH_LOSSES, SEGMENTATION_LOSSES
 from .metrics import DEPTH_HIGHER_IS_BETTER, DEPTH_KEYS, DepthMetrics, MeanIoU
@@ -518,7 +517,7 @@ def run_benchmark(
     bad_roles = {n: r for n, r in roles.items() if n not in sources or r not in ("baseline", "fit3d", "control")}
     if bad_roles:
         raise ValueError(f"bad roles {bad_roles}: names must be sources {names}, roles baseline/fit3d/control")
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())  # as in `finetune`
     cache = Path(config.cache_dir) if config.cache_dir else None
     probe_tasks = [t for t in ("segmentation", "depth") if t in config.tasks and t in train_data.tasks and t in test_data.tasks]
     if "segmentation" in probe_tasks and train_data.num_labels != test_data.num_labels:
@@ -771,7 +770,11 @@ class EvaluationArguments:
     )
     control_seed: int = field(default=1234, metadata={"help": "Seed of the random-init backbone of concat_random."})
     dataset: str = field(
-        default="synthetic", metadata={"help": "synthetic, scannetpp, scannet, nyuv2, ade20k, voc2012, kitti, or hf."}
+        default="synthetic",
+        metadata={
+            "help": "synthetic, scannetpp, scannet, nyuv2, ade20k, voc2012, kitti, hf (--hf_dataset), or a Hub dataset id "
+            "(namespace/name, read with datasets.load_dataset; the hf_* and column options apply)."
+        },
     )
     data_root: str | None = field(default=None, metadata={"help": "Root of a paper dataset in its standard layout."})
     num_train_scenes: int = field(default=6, metadata={"help": "synthetic: rooms the probes train on."})
@@ -791,7 +794,10 @@ class EvaluationArguments:
     allow_external_paths: bool = field(
         default=False, metadata={"help": "Accept split files (paper datasets) that name files outside --data_root."}
     )
-    hf_dataset: str | None = field(default=None, metadata={"help": "hf: a folder written by Dataset/DatasetDict.save_to_disk."})
+    hf_dataset: str | None = field(
+        default=None,
+        metadata={"help": "hf: a folder written by DatasetDict.save_to_disk, a folder of data files, or a Hub dataset id."},
+    )
     hf_train_split: str = field(default="train", metadata={"help": "hf: training split."})
     hf_test_split: str = field(default="test", metadata={"help": "hf: test split."})
     image_column: str = field(default="image", metadata={"help": "hf: image column."})
@@ -938,21 +944,24 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
 
     Builds the sources (`build_sources`), loads the data `args.dataset` names — procedural rooms
     (probes train on `num_train_scenes` rooms and are tested on `num_test_scenes` unseen ones,
-    where correspondence is measured too), a `datasets` folder (`hf`), or a paper dataset under
+    where correspondence is measured too), a `datasets` dataset (a Hub id, or `hf` with a folder or Hub id; `load_hf_splits`), or a paper dataset under
     `data_root`, benchmarked task by task and merged into one results dict — runs `run_benchmark`
     on one accelerator, writes `<output_dir>/results.json` and `results.md` (main process) and
     returns the results dict (see `evaluation.report`). Finished probe runs (and, with the
     `fixed` protocol, extracted features) are cached in `config.cache_dir` (default
     `<output_dir>/cache`), so a rerun resumes. `config.protocol` "paper" runs each paper
-    dataset's official pipelines; synthetic rooms and `hf` datasets have none and need "fixed";
+    dataset's official pipelines; synthetic rooms and `datasets` datasets have none and need "fixed";
     "auto" (the default) chooses between the two by the dataset.
     """
     if args.dataset == "hf" and args.hf_dataset is None:
-        raise InputError("EvaluationArguments: dataset 'hf' needs hf_dataset (a folder written by save_to_disk)")
-    paper = args.dataset not in ("synthetic", "hf")
+        raise InputError("EvaluationArguments: dataset 'hf' needs hf_dataset (a save_to_disk folder, a data folder or a Hub id)")
+    # `datasets` data: --dataset hf --hf_dataset X, or --dataset <Hub id>
+    hf_source = args.hf_dataset if args.dataset == "hf" else hub_id_of(args.dataset)
+    paper = args.dataset != "synthetic" and hf_source is None
     if paper and args.dataset not in PAPER_DATASETS:
         raise InputError(
-            f"EvaluationArguments: unknown dataset {args.dataset!r}; known: synthetic, hf, {', '.join(PAPER_DATASETS)}"
+            f"EvaluationArguments: unknown dataset {args.dataset!r}; known: synthetic, hf, {', '.join(PAPER_DATASETS)}, "
+            "or a Hub dataset id (namespace/name)"
         )
     if paper and args.data_root is None:
         raise InputError(f"EvaluationArguments: dataset {args.dataset!r} needs data_root")
@@ -969,15 +978,20 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
     for folder in (args.output_dir, *(os.path.join(config.cache_dir, part) for part in ("features", "runs"))):
         remove_stale_temporaries(folder)
     hf_data = None
-    if args.dataset == "hf":
-        check_source(args.hf_dataset, "--hf_dataset")
-        if not os.path.isdir(args.hf_dataset):
-            raise InputNotFoundError(f"--hf_dataset {args.hf_dataset}: no such folder (a folder written by save_to_disk)")
-        hf_data = load_from_disk(args.hf_dataset)
+    if hf_source is not None:
+        check_source(hf_source, "--hf_dataset")
+        if os.path.exists(hf_source) and not os.path.isdir(hf_source):
+            raise InputNotFoundError(f"--hf_dataset {hf_source}: not a folder (a save_to_disk folder, a data folder or a Hub id)")
+        try:
+            hf_data = load_hf_splits(hf_source)
+        except (OSError, ValueError) as error:  # not cached offline, no such repo, no data files
+            if os.path.isdir(hf_source):
+                raise InputError(f"--hf_dataset {hf_source}: not a dataset folder ({error})") from error
+            raise hub_error(hf_source, "--hf_dataset", error) from error
         for split, option in ((args.hf_train_split, "--hf_train_split"), (args.hf_test_split, "--hf_test_split")):
-            _check_hf_split(hf_data, split, option, args.hf_dataset)
+            _check_hf_split(hf_data, split, option, hf_source)
     sources, roles, descriptions = build_sources(args)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())  # as in `finetune`
     kwargs = dict(roles=roles, descriptions=descriptions, accelerator=accelerator)
     loaded = [load_scene(path) for path in args.correspondence_scenes]
     if loaded:
@@ -988,7 +1002,7 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
         test = synthetic.make_rooms(args.num_test_scenes, seed=args.scene_seed + args.num_train_scenes, **size)
         kwargs["correspondence_scenes"] = test + loaded
         results = benchmark_on_scenes(sources, train, test, config, **kwargs)
-    elif args.dataset == "hf":
+    elif hf_data is not None:
         data = hf_data
         columns = dict(
             image_column=args.image_column,
@@ -998,7 +1012,8 @@ def evaluate(args: EvaluationArguments, config: BenchmarkConfig) -> dict:
             max_depth=args.max_depth,
             depth_scale=args.depth_scale,
         )
-        name = os.path.basename(os.path.normpath(args.hf_dataset))
+        # A Hub id names the results rows, so that cards link them to the dataset.
+        name = hub_id_of(hf_source) or os.path.basename(os.path.normpath(hf_source))
         train = from_hf_dataset(data[args.hf_train_split], name=name, **columns)
         test = from_hf_dataset(data[args.hf_test_split], name=name, **columns)
         for split, split_data in ((args.hf_train_split, train), (args.hf_test_split, test)):

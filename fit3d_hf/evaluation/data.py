@@ -22,8 +22,9 @@ official configs (`evaluation/configs/*_linear_config.py`) read them:
 Split-file paths are relative to the root (NYU, ScanNet, ScanNet++) or to its `input/` and
 `gt_depth/` folders (KITTI), as in the official datasets.
 
-Any `datasets` dataset works through a column mapping (`from_hf_dataset`), and posed
-scenes with depth / semantics through `from_scenes`.
+Any `datasets` dataset works through a column mapping (`from_hf_dataset`; `load_hf_splits` opens
+a Hub id, a folder `datasets.load_dataset` reads, or a `save_to_disk` folder), and posed scenes
+with depth / semantics through `from_scenes`.
 """
 
 import os
@@ -298,6 +299,18 @@ def load_eval_dataset(
         data = mmseg_segmentation(root, *_MMSEG_SPLITS[split], name=name, **spec)
     data.pipelines = {task: PAPER_PIPELINES[name][task]}
     return data
+
+
+def load_hf_splits(path: str | os.PathLike):
+    """The splits (a `datasets.DatasetDict`) of a folder written by `save_to_disk`, or of anything
+    `datasets.load_dataset` reads: a Hub dataset id (from the local cache when offline) or a folder
+    of data files."""
+    import datasets
+
+    path = os.fspath(path)
+    if (Path(path) / "dataset_dict.json").is_file() or (Path(path) / "state.json").is_file():
+        return datasets.load_from_disk(path)
+    return datasets.load_dataset(path)
 
 
 def from_hf_dataset(

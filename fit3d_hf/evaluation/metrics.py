@@ -1,28 +1,37 @@
 """Probe metrics as `evaluate` modules shipped in the package (no Hub access needed).
 
-`evaluate.load("mean_iou")` downloads a script from the Hub; these `evaluate.Metric`
-subclasses are instantiated directly and work offline:
+`evaluate.load("mean_iou")` downloads a script from the Hub; these `evaluate.Metric` subclasses
+work offline, instantiated directly or loaded from the metric folders shipped beside this file
+(`metric_path`), each with its own metric card:
 
 ```python
-from fit3d_hf.evaluation.metrics import DepthMetrics, MeanIoU
+import evaluate
+from fit3d_hf.evaluation.metrics import DepthMetrics, MeanIoU, metric_path
 
 miou = MeanIoU(num_labels=13)               # ignore_index=255
-for pred, label in batches:                 # [B, H, W] int tensors or arrays
+for pred, label in batches:                 # [B, H, W] int tensors or arrays, or lists of [H, W]
     miou.add_batch(predictions=pred, references=label)
 miou.compute()  # {"mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", ...}
 
-depth = DepthMetrics(max_depth=10.0)        # min_depth=1e-3
+# as the Hub's mean_iou is called: the number of classes (and the ignored label) at compute
+evaluate.load(metric_path("mean_iou")).compute(predictions=pred, references=label, num_labels=13, ignore_index=255)
+
+depth = DepthMetrics(max_depth=10.0)        # min_depth=1e-3; evaluate.load(metric_path("depth"), max_depth=10.0)
 depth.compute(predictions=pred_m, references=gt_m)  # [B, H, W] metres
 ```
 
 Dense maps are reduced to per-image statistics in `add_batch` before `evaluate` stores them
 (storing raw pixels through Arrow costs ~30 s per 20M pixels); the result is identical.
-Segmentation follows mmseg: intersections and unions are summed over the whole set, then
-IoU per class (classes absent from both prediction and label are NaN and skipped by the
-mean). Depth follows the Monocular-Depth-Estimation-Toolbox used by DINOv2's depth probes:
-each image's metrics over its valid pixels (min_depth < gt < max_depth), then the mean over
-images.
+Segmentation keeps each image's distinct (reference, prediction) label pairs with their pixel
+counts, so the number of classes, the ignored label and `reduce_labels` can still be chosen at
+`compute`; it follows mmseg: intersections and unions are summed over the whole set, then IoU per
+class (classes absent from both prediction and label are NaN and skipped by the mean). Depth
+follows the Monocular-Depth-Estimation-Toolbox used by DINOv2's depth probes: each image's metrics
+over its valid pixels (min_depth < gt < max_depth), then the mean over images.
 """
+
+import os
+from pathlib import Path
 
 import datasets
 import evaluate
@@ -40,6 +49,18 @@ DEPTH_KEYS = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_l
 DEPTH_HIGHER_IS_BETTER = {"delta1": True, "delta2": True, "delta3": True}
 
 
+# The metric folders `evaluate.load` reads: <name>/<name>.py and its metric card <name>/README.md.
+METRIC_FOLDERS = Path(__file__).resolve().parent / "metric_modules"
+METRIC_MODULES = {"mean_iou": "fit3d_mean_iou", "depth": "fit3d_depth"}
+
+
+def metric_path(name: str) -> str:
+    """The shipped folder of a metric ("mean_iou" or "depth"), for `evaluate.load(metric_path(name))`."""
+    if name not in METRIC_MODULES:
+        raise ValueError(f"unknown metric {name!r}; the package ships {sorted(METRIC_MODULES)}")
+    return os.fspath(METRIC_FOLDERS / METRIC_MODULES[name])
+
+
 def _as_tensor(x, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to(dtype)
@@ -54,34 +75,76 @@ def _batched(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def segmentation_areas(
-    predictions: torch.Tensor, references: torch.Tensor, num_labels: int, ignore_index: int = 255
-) -> torch.Tensor:
-    """Per-image areas `[B, 4, K]`: intersection, union, predicted, labelled pixels per class.
+def _images(x, dtype: torch.dtype, name: str) -> list[torch.Tensor]:
+    """`[H, W]` maps of `[B, H, W]` / `[H, W]` tensors or arrays, or of a list of `[H, W]` maps of any sizes (the Hub's form)."""
+    if isinstance(x, (list, tuple)) and x and np.ndim(x[0]) == 2:
+        return [_as_tensor(image, dtype) for image in x]
+    return list(_batched(_as_tensor(x, dtype), name))
 
-    predictions, references: `[B, H, W]` (or `[H, W]`) integer class maps; pixels whose
-    reference is `ignore_index` count nowhere.
+
+# Up to this many (reference, prediction) combinations a bincount is used; beyond it (label values
+# spread far apart) a sort, which needs no table.
+_MAX_PAIR_TABLE = 1 << 24
+
+
+def label_pairs(predictions, references) -> list[np.ndarray]:
+    """Per image, the distinct (reference, prediction) label pairs and their pixel counts: `[3, P]`
+    int64 arrays (rows: reference, prediction, count); every pixel counts, `ignore_index` included.
+
+    predictions, references: `[B, H, W]` (or `[H, W]`) integer class maps, or lists of `[H, W]` maps.
     """
-    pred = _batched(_as_tensor(predictions, torch.long), "predictions")
-    ref = _batched(_as_tensor(references, torch.long), "references")
-    if pred.shape != ref.shape:
-        raise ValueError(f"predictions {tuple(pred.shape)} and references {tuple(ref.shape)} differ in shape")
-    valid = ref != ignore_index
-    bad = valid & ((ref < 0) | (ref >= num_labels))
+    preds = _images(predictions, torch.long, "predictions")
+    refs = _images(references, torch.long, "references")
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+    out = []
+    for pred, ref in zip(preds, refs):
+        if pred.shape != ref.shape:
+            raise ValueError(f"predictions {tuple(pred.shape)} and references {tuple(ref.shape)} differ in shape")
+        pred, ref = pred.flatten(), ref.flatten()
+        if pred.numel() == 0:
+            out.append(np.zeros((3, 0), dtype=np.int64))
+            continue
+        pred_low, ref_low = int(pred.min()), int(ref.min())
+        width = int(pred.max()) - pred_low + 1
+        keys = (ref - ref_low) * width + (pred - pred_low)
+        size = (int(ref.max()) - ref_low + 1) * width
+        if size <= _MAX_PAIR_TABLE:
+            counts = torch.bincount(keys, minlength=size)
+            keys = counts.nonzero().flatten()
+            counts = counts[keys]
+        else:
+            keys, counts = torch.unique(keys, return_counts=True)
+        out.append(torch.stack([keys // width + ref_low, keys % width + pred_low, counts]).numpy())
+    return out
+
+
+def segmentation_areas(pairs: np.ndarray, num_labels: int, ignore_index: int = 255, reduce_labels: bool = False) -> np.ndarray:
+    """Intersection, union, predicted and labelled pixels per class, `[4, K]`, from label pairs
+    (`label_pairs`, concatenated over any number of images).
+
+    Pixels whose reference is `ignore_index` count nowhere; a prediction outside [0, K) counts as
+    a wrong pixel of its labelled class. `reduce_labels` (mmseg's `reduce_zero_label`, the Hub
+    metric's `reduce_labels`) first maps reference 0 to ignored and k to k - 1.
+    """
+    reference, prediction, count = pairs
+    if reduce_labels:
+        reference = np.where(reference == 0, 255, reference - 1)
+        reference = np.where(reference == 254, 255, reference)
+    valid = reference != ignore_index
+    bad = valid & ((reference < 0) | (reference >= num_labels))
     if bad.any():
         raise ValueError(
-            f"references hold labels outside [0, {num_labels}) other than ignore_index={ignore_index}: {ref[bad].unique()[:10].tolist()}"
+            f"references hold labels outside [0, {num_labels}) other than ignore_index={ignore_index}: "
+            f"{np.unique(reference[bad])[:10].tolist()}"
         )
-    areas = torch.zeros(pred.shape[0], 4, num_labels, dtype=torch.long)
-    for i in range(pred.shape[0]):
-        p, r = pred[i][valid[i]], ref[i][valid[i]]
-        # out-of-range predictions still count as wrong pixels of the labelled class
-        p_in = p[(p >= 0) & (p < num_labels)]
-        intersect = torch.bincount(r[p == r], minlength=num_labels)
-        area_pred = torch.bincount(p_in, minlength=num_labels)
-        area_label = torch.bincount(r, minlength=num_labels)
-        areas[i] = torch.stack([intersect, area_pred + area_label - intersect, area_pred, area_label]).cpu()
-    return areas
+    reference, prediction, count = reference[valid], prediction[valid], count[valid]
+    hit = prediction == reference
+    in_range = (prediction >= 0) & (prediction < num_labels)
+    intersect = np.bincount(reference[hit], weights=count[hit], minlength=num_labels)
+    area_pred = np.bincount(prediction[in_range], weights=count[in_range], minlength=num_labels)
+    area_label = np.bincount(reference, weights=count, minlength=num_labels)
+    return np.stack([intersect, area_pred + area_label - intersect, area_pred, area_label]).astype(np.int64)
 
 
 def depth_errors(
@@ -128,41 +191,64 @@ class MeanIoU(evaluate.Metric):
     """Mean IoU, mean (per-class) accuracy and overall pixel accuracy for semantic segmentation.
 
     Args:
-        num_labels: number of classes K.
-        ignore_index: label of pixels that count nowhere (default 255).
+        num_labels: number of classes K; may instead be given to `compute`, as the Hub's `mean_iou` takes it.
+        ignore_index: label of pixels that count nowhere (default 255); `compute` may override it.
         **kwargs: passed to `evaluate.Metric` (e.g. `keep_in_memory`, `cache_dir`).
     """
 
-    def __init__(self, num_labels: int, ignore_index: int = 255, **kwargs):
-        if num_labels < 1:
+    def __init__(self, num_labels: int | None = None, ignore_index: int = 255, **kwargs):
+        if num_labels is not None and num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         self.num_labels = num_labels
         self.ignore_index = ignore_index
         super().__init__(**kwargs)
 
     def _info(self) -> evaluate.MetricInfo:
-        areas = datasets.Sequence(datasets.Value("int64"))
+        labels = datasets.Sequence(datasets.Value("int64"))
         return evaluate.MetricInfo(
             description="Mean IoU / mean accuracy / overall accuracy over a set of segmentation maps (mmseg protocol).",
             citation=_CITATION,
-            inputs_description="predictions, references: [B, H, W] integer class maps; 255 = ignore.",
-            features=datasets.Features({"intersect": areas, "union": areas, "area_pred": areas, "area_label": areas}),
+            inputs_description=(
+                "predictions, references: [B, H, W] integer class maps (or lists of [H, W] maps); "
+                "compute(num_labels=K, ignore_index=255, reduce_labels=False)."
+            ),
+            features=datasets.Features({"reference": labels, "prediction": labels, "count": labels}),
         )
 
     def add_batch(self, *, predictions=None, references=None):
-        """Add `[B, H, W]` predicted and reference class maps."""
-        areas = segmentation_areas(predictions, references, self.num_labels, self.ignore_index).numpy()
-        super().add_batch(intersect=areas[:, 0], union=areas[:, 1], area_pred=areas[:, 2], area_label=areas[:, 3])
+        """Add `[B, H, W]` predicted and reference class maps (or lists of `[H, W]` maps)."""
+        pairs = label_pairs(predictions, references)
+        if self.num_labels is not None:  # known now: refuse bad labels before anything is stored
+            for image_pairs in pairs:
+                segmentation_areas(image_pairs, self.num_labels, self.ignore_index)
+        super().add_batch(reference=[p[0] for p in pairs], prediction=[p[1] for p in pairs], count=[p[2] for p in pairs])
 
-    def compute(self, *, predictions=None, references=None, **kwargs):
-        """Add an optional last batch, then return the metrics over everything added."""
+    def compute(
+        self,
+        *,
+        predictions=None,
+        references=None,
+        num_labels: int | None = None,
+        ignore_index: int | None = None,
+        reduce_labels: bool = False,
+        **kwargs,
+    ):
+        """Add an optional last batch, then return the metrics over everything added.
+
+        `num_labels` and `ignore_index` default to the constructor's; `reduce_labels` maps
+        reference 0 to ignored and k to k - 1 first (the Hub's `mean_iou` arguments).
+        """
         if predictions is not None or references is not None:
             self.add_batch(predictions=predictions, references=references)
-        return super().compute(**kwargs)
+        num_labels = num_labels or self.num_labels
+        if num_labels is None:
+            raise ValueError("MeanIoU needs num_labels: MeanIoU(num_labels=K) or compute(..., num_labels=K)")
+        ignore_index = self.ignore_index if ignore_index is None else ignore_index
+        return super().compute(num_labels=num_labels, ignore_index=ignore_index, reduce_labels=reduce_labels, **kwargs)
 
-    def _compute(self, intersect, union, area_pred, area_label):
-        intersect, union = np.asarray(intersect).sum(0), np.asarray(union).sum(0)
-        area_label = np.asarray(area_label).sum(0)
+    def _compute(self, reference, prediction, count, num_labels: int, ignore_index: int, reduce_labels: bool):
+        pairs = np.concatenate([np.stack([r, p, c]).reshape(3, -1) for r, p, c in zip(reference, prediction, count)], axis=1)
+        intersect, union, _, area_label = segmentation_areas(pairs.astype(np.int64), num_labels, ignore_index, reduce_labels)
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = np.where(union > 0, intersect / np.maximum(union, 1), np.nan)
             acc = np.where(area_label > 0, intersect / np.maximum(area_label, 1), np.nan)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text
 
-# metric key in the results JSON -> (display name, model-index metric type)
+# metric key in the results JSON -> (display name, model-index metric type: one per metric, never repeated)
 METRIC_NAMES = {
     "mean_iou": ("mIoU", "mean_iou"),
-    "mean_accuracy": ("mean acc", "accuracy"),
+    "mean_accuracy": ("mean acc", "mean_accuracy"),
     "overall_accuracy": ("overall acc", "accuracy"),
     "delta1": ("δ1", "delta1"),
     "delta2": ("δ2", "delta2"),

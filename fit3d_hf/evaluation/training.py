@@ -159,7 +159,7 @@ def train_probe(
         batches: `ProbeBatch`es, at least `config.iterations` of them (`cached_batches`, or the
             benchmark's augmented batches); depth batches carry a CLS token, segmentation ones none.
     """
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())  # as in `finetune`
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         # batch statistics over the global batch, as the official probes' SyncBN
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)

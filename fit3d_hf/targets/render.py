@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections import Counter
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fit3d_hf import backbones
+from fit3d_hf import backbones, viz
 from fit3d_hf.errors import InputError, InputNotFoundError, OutputError
 from fit3d_hf.io import (
     atomic_directory,
@@ -37,7 +38,7 @@ from fit3d_hf.provenance import (
 )
 
 from .load import load_targets
-from .schema import FORMAT_NAME, FORMAT_VERSION, MASK_DTYPES, METADATA_FILE, bytes_per_view, schema
+from .schema import FORMAT_NAME, FORMAT_VERSION, MASK_DTYPES, METADATA_FILE, PREVIEW_MIN_LONG_SIDE, bytes_per_view, schema
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,31 @@ def gaussian_blur(feature_maps: torch.Tensor, sigma: float) -> torch.Tensor:
         pad = (0, 0, radius, radius) if shape[2] > 1 else (radius, radius, 0, 0)
         out = F.conv2d(F.pad(out, pad, mode="reflect"), weight, groups=channels)
     return out
+
+
+def target_preview(target: torch.Tensor, valid: torch.Tensor) -> PIL.Image.Image:
+    """The preview column's picture of one target [Cb, h, w]: its valid cells' first three principal
+    components as RGB (`viz.pca_rgb`, fitted on this view alone), black where `valid` [h, w] is False,
+    each cell enlarged to a block so that the long side is at least `PREVIEW_MIN_LONG_SIDE` pixels."""
+    target, valid = target.float().cpu(), valid.cpu()
+    channels, height, width = target.shape
+    rgb = torch.zeros(3, height, width)
+    if valid.sum() >= 3:  # three components need three vectors; a view with fewer stays black
+        vectors = target.permute(1, 2, 0)[valid]  # [n, Cb]
+        rgb[:, valid] = viz.pca_rgb(vectors.T.reshape(1, channels, -1, 1))[0, :, :, 0]
+    scale = math.ceil(PREVIEW_MIN_LONG_SIDE / max(height, width))
+    pixels = (rgb * 255).round().to(torch.uint8).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    return PIL.Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def scene_source_kind(scene) -> str:
+    """Where a scene's images come from, as far as licences go: "scannetpp" (FiT3D's ScanNet++ layout,
+    whose terms restrict redistribution), "synthetic" (the package's procedural rooms) or "capture"
+    (any other folder or dataset). Recorded per kind in the metadata (never the paths), for the dataset card."""
+    source = str(scene.source)
+    if source.endswith("transforms_train.json"):
+        return "scannetpp"
+    return "synthetic" if source.startswith("synthetic room") else "capture"
 
 
 def _settings_hash(settings: dict[str, Any]) -> str:
@@ -121,6 +147,7 @@ def _view_rows(
             "view_id": int(view),
             "intrinsics": intrinsics.float().cpu().numpy(),
             "world_to_camera": scene.world_to_camera[view].float().cpu().numpy(),
+            "preview": target_preview(target, valid > 0),  # a soft mask weighs cells; the preview shows every weighted one
         }
 
 
@@ -221,6 +248,8 @@ def render_targets(
         "backbone": json.loads(backbone.config.to_json_string()),
         "backbone_weights_sha256": identity["weights_sha256"],
         "gaussians_sha256": {scene_id: entry["sha256"] for scene_id, entry in upstream.items()},
+        # Parts written by a version with other columns cannot be concatenated with new ones.
+        "columns": list(schema(1, 1, 1)),
     }
     with folder_lock(parts_dir, what="the targets' parts folder"):
         try:
@@ -319,6 +348,7 @@ def _render_parts(
     atomic_write_json(settings_file, {"hash": _settings_hash(settings)}, indent=None)
 
     scene_ids: list[str] = []
+    scene_sources: dict[str, int] = {}
     feature_dims: dict[str, int] = {}
     # How the backbone's input was normalised for each scene's targets (lifting's, or this blur's).
     blur_normalization = backbones.normalization_of(backbones.with_normalization(config, normalization))
@@ -326,6 +356,8 @@ def _render_parts(
     grid = None
     for scene in tqdm(scenes, desc="render targets", unit="scene"):
         scene_ids.append(scene.scene_id)
+        kind = scene_source_kind(scene)
+        scene_sources[kind] = scene_sources.get(kind, 0) + 1
         size = tuple(image_size) if image_size else backbones.input_size(scene.height, scene.width, patch_size, rule=size_rule)
         if size[0] % patch_size or size[1] % patch_size:
             raise InputError(f"image_size {size} is not a multiple of the patch size {patch_size}")
@@ -409,6 +441,7 @@ def _render_parts(
             "views": views,
         },
         "scenes": scene_ids,
+        "scene_sources": scene_sources,
         "bytes_per_view_uncompressed": bytes_per_view(hidden_size, *grid, mask=mask),
         PROVENANCE_KEY: {
             "backbone": identity,
@@ -429,6 +462,7 @@ def _render_parts(
             )
     metadata["valid_fraction"] = valid_fraction
     dataset = datasets.concatenate_datasets(parts)
+    metadata["num_views"] = dataset.num_rows
     dataset.info.description = json.dumps(metadata)
     with atomic_directory(output_dir) as staging:
         dataset.save_to_disk(str(staging), num_shards=num_shards)
