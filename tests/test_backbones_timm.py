@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fit3d_hf import backbones
-from fit3d_hf.convert import timm_to_transformers
+from fit3d_hf.convert import _BLOCK_NAMES, timm_to_transformers
 
 timm = pytest.importorskip("timm")
 torch.set_num_threads(1)
@@ -40,6 +40,10 @@ def timm_tokens(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Ten
         normed = model.forward_features(images)
     hook.remove()
     return normed, captured["tokens"]
+
+
+# SigLIP and SigLIP 2 blocks are named as CLIP's in transformers: timm's keys map as for the `clip` family.
+CLIP_BLOCKS = _BLOCK_NAMES["clip"]
 
 
 def map_blocks(state: dict, block_prefix: str, names: dict[str, str], qkv: str, top: dict[str, str]) -> dict:
@@ -121,15 +125,7 @@ def test_siglip_matches_timm():
     table = state.pop("pos_embed")[0]
     state = map_blocks(
         state,
-        "encoder.layers.{}.",
-        {
-            "norm1": "layer_norm1",
-            "norm2": "layer_norm2",
-            "attn.proj": "self_attn.out_proj",
-            "mlp.fc1": "mlp.fc1",
-            "mlp.fc2": "mlp.fc2",
-        },
-        "self_attn.{}_proj",
+        *CLIP_BLOCKS,
         {"patch_embed.proj": "embeddings.patch_embedding", "norm": "post_layernorm"},
     )
     state["embeddings.position_embedding.weight"] = table
@@ -193,15 +189,7 @@ def test_siglip2_matches_timm_naflex():
     table = state.pop("embeds.pos_embed")[0]
     state = map_blocks(
         state,
-        "encoder.layers.{}.",
-        {
-            "norm1": "layer_norm1",
-            "norm2": "layer_norm2",
-            "attn.proj": "self_attn.out_proj",
-            "mlp.fc1": "mlp.fc1",
-            "mlp.fc2": "mlp.fc2",
-        },
-        "self_attn.{}_proj",
+        *CLIP_BLOCKS,
         {"embeds.proj": "embeddings.patch_embedding", "norm": "post_layernorm"},
     )
     state["embeddings.position_embedding.weight"] = table.reshape(-1, WIDTH)
