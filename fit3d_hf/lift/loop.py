@@ -72,7 +72,7 @@ def lift_scene(
         The lifted `FeatureGaussians` (also written to `<output_dir>/<scene_id>.safetensors`).
 
     Raises:
-        ValueError: no usable training view; no initial Gaussian (`init_points` 0).
+        ValueError: no usable training view.
         ProvenanceError: a checkpoint started with another backbone, seed or settings (`state.check_resume`).
         ResultsError: every Gaussian was pruned.
         RuntimeError: backend "gsplat" that cannot run here (the message says how to fix it).
