@@ -38,7 +38,7 @@ def run_pipeline(family: str, tmp_path, evaluate: bool) -> None:
     backbone, name = load_backbone_spec(f"tiny:{family}", seed=0)
     untouched = backbones.weights_checksum(backbone)
     patch, width = backbones.patch_size_of(backbone.config), backbones.hidden_size_of(backbone.config)
-    grid = (round(HEIGHT / patch), round(WIDTH / patch))
+    grid = tuple(side // patch for side in backbones.input_size(HEIGHT, WIDTH, patch))  # the floor rule
 
     reports = lift_scenes([room], backbone, LiftConfig(**LIFT), output_dir=tmp_path / "lifted")
     assert reports[0]["backbone"] == name
