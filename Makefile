@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export HF_EVALUATE_OFFLINE ?= 1
 
-.PHONY: demo lint format test test-slow clean
+.PHONY: demo lint format test test-slow test-floors clean
 
 .venv/.installed: pyproject.toml
 	$(PY) -m venv .venv
@@ -41,5 +41,15 @@ test: lint
 test-slow: .venv-test/.installed
 	.venv-test/bin/python -m pytest -m "slow or cuda" -q -rs $(ARGS)
 
+# The lowest versions pyproject.toml allows (uv's lowest-direct resolution, overrides in
+# tests/floors_overrides.txt), then the fast tests of the stages that use those libraries.
+test-floors:
+	$(PY) -m venv .venv-floors
+	.venv-floors/bin/pip install $(PIP_FLAGS) uv
+	VIRTUAL_ENV=.venv-floors .venv-floors/bin/uv pip install -q --resolution lowest-direct \
+		--override tests/floors_overrides.txt -e . "pytest>=8"
+	.venv-floors/bin/python -m pytest -m "not slow and not cuda" -q -p no:cacheprovider \
+		tests/test_modeling.py tests/test_targets.py tests/test_hub.py tests/test_finetune.py tests/test_metrics.py
+
 clean:
-	rm -rf .venv .venv-test
+	rm -rf .venv .venv-test .venv-floors

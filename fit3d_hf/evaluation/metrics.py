@@ -299,6 +299,8 @@ class DepthMetrics(evaluate.Metric):
         return super().compute(**kwargs)
 
     def _compute(self, **per_image):
+        # An image without a valid pixel has NaN errors; some datasets/pyarrow versions hand them back as None.
+        per_image = {key: np.asarray(values, dtype=np.float64) for key, values in per_image.items()}
         valid = np.isfinite(per_image["rmse"])
         out = {key: float(np.mean(per_image[key][valid])) if valid.any() else float("nan") for key in DEPTH_KEYS}
         out["num_images"] = int(valid.sum())
