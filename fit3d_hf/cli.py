@@ -69,15 +69,17 @@ def run_command(name: str, argv: list[str] | None = None):
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> None:
+    """The `fit3d` console script. Returns nothing: the console wrapper calls `sys.exit(main())`, which
+    would print a returned object and exit with 1 (a command's result is `run_command`'s return value)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
-        return None
+        return
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         sys.exit(f"fit3d: unknown command {name!r}\n\n{_usage()}")
-    return run_command(name, rest)
+    run_command(name, rest)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,11 @@ def test_config_names_a_shipped_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args((FinetuneArguments, FinetuneConfig), ["--config", "no_such_preset"], "p", "d")
     assert "shipped: [" in capsys.readouterr().err
+
+
+def test_console_script_returns_nothing(monkeypatch):
+    """`sys.exit(main())` in the console wrapper would print a command's result and exit with 1."""
+    from fit3d_hf import cli
+
+    monkeypatch.setattr(cli, "run_command", lambda name, argv: {"a": "command's result"})
+    assert cli.main(["finetune"]) is None
