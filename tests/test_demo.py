@@ -91,7 +91,7 @@ def test_stage_settings_accumulate_along_the_stages():
     assert lift.items() <= evaluate.items() and evaluate["probe_seeds"] == [0, 1, 2]
     # Every setting that is not about where or how fast the run goes belongs to some stage.
     every = set(stage_settings(config, STAGES[-1], "backbone-a"))
-    assert every == {f.name for f in fields(DemoConfig)} - {"output_dir", "fresh"} | {"backbone_name"}
+    assert every == {f.name for f in fields(DemoConfig)} - {"output_dir", "fresh", "workers"} | {"backbone_name"}
     with pytest.raises(ValueError, match="unknown stage 'train'"):
         stage_settings(config, "train", "backbone-a")
 
@@ -151,7 +151,7 @@ def test_interrupted_stage_resumes_with_its_settings_only(tmp_path):
     assert read_record(run_dir)["stages"]["evaluate"] == {"settings": settings, "complete": False}
     # What the killed run left was made with these settings: other ones must not resume from it.
     other = stage_settings(replace(config, seg_iterations=5), "evaluate", "backbone-a")
-    with pytest.raises(DemoError, match=r"evaluate stage was started with other settings \(seg_iterations: 300 -> 5\)"):
+    with pytest.raises(DemoError, match=r"evaluate stage was started with other settings \(seg_iterations: 200 -> 5\)"):
         run_stage(run_dir, "evaluate", other, killed)
     calls = []
     assert run_stage(run_dir, "evaluate", settings, lambda: calls.append(1))
@@ -169,6 +169,7 @@ TINY_RUN = dict(
     seg_iterations=10,
     depth_iterations=10,
     probe_seeds=[0, 1],
+    workers=1,  # in this process, so that monkeypatching reaches every stage
 )
 
 
@@ -249,6 +250,29 @@ def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     # A changed setting is refused at the first stage it changes, before any work.
     with pytest.raises(DemoError, match=r"evaluate stage was made with other settings \(seg_iterations: 10 -> 11\)"):
         run_demo(replace(config, seg_iterations=11))
+
+
+def test_worker_processes_lift_as_one_process_with_one_thread(tmp_path):
+    """The default on a multi-core machine: the rooms lifted in one-thread worker processes
+    (`pipeline.workers`) give bit for bit what this process gives with one thread."""
+    from safetensors.torch import load_file
+
+    backbone_dir = _tiny_backbone(tmp_path)
+    settings = {**TINY_RUN, "num_train_scenes": 2, "probe_scene_seed": 100, "backbone": str(backbone_dir)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_demo(DemoConfig(output_dir=str(tmp_path / "one"), **settings))
+    finally:
+        torch.set_num_threads(threads)
+    run_demo(DemoConfig(output_dir=str(tmp_path / "two"), **{**settings, "workers": 2}))
+    for room in ("room_0000", "room_0001"):
+        one, two = (load_file(tmp_path / run / "lifted" / f"{room}.safetensors") for run in ("one", "two"))
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one), room
+        reports = [json.loads((tmp_path / run / "lifted" / f"{room}.json").read_text()) for run in ("one", "two")]
+        assert reports[0]["metrics"] == reports[1]["metrics"] and reports[0]["loss_history"] == reports[1]["loss_history"]
+    with pytest.raises(DemoError, match="--workers must be >= 0"):
+        run_demo(DemoConfig(output_dir=str(tmp_path / "bad"), **{**settings, "workers": -1}))
 
 
 def test_replications_take_disjoint_rooms_and_their_own_seed():

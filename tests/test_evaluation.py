@@ -8,7 +8,7 @@ import torch
 
 from fit3d_hf import FiT3DModel, backbones
 from fit3d_hf.evaluation.benchmark import BenchmarkConfig, benchmark_on_scenes, input_size
-from fit3d_hf.evaluation.heads import DepthProbe, SegmentationProbe, depth_loss, gradient_loss, sig_loss
+from fit3d_hf.evaluation.heads import DepthProbe, SegmentationProbe, depth_loss, gradient_loss, resize_bilinear, sig_loss
 from fit3d_hf.evaluation.report import write_report
 from fit3d_hf.evaluation.training import ProbeConfig, cached_batches, predict, train_probe
 from fit3d_hf.scenes import synthetic
@@ -20,7 +20,7 @@ def test_heads_shapes_and_depth_range():
     seg = SegmentationProbe(16, num_labels=5)
     assert seg(torch.randn(2, 16, 4, 6), (32, 48)).shape == (2, 5, 32, 48)
     depth = DepthProbe(16, max_depth=10.0)
-    out = depth(torch.randn(2, 16, 4, 6) * 50, torch.randn(2, 16), (30, 40))
+    out = depth(torch.randn(2, 16, 4, 6) * 50, torch.randn(2, 16), (30, 40), output_bin_weights=True)
     assert out.depth.shape == (2, 1, 30, 40) and out.bin_weights.shape == (2, 256, 16, 24)
     assert torch.allclose(out.bin_weights.sum(1), torch.ones(2, 16, 24), atol=1e-5)
     assert out.depth.min() >= 1e-3 and out.depth.max() <= 10.0
@@ -30,7 +30,26 @@ def test_heads_shapes_and_depth_range():
         torch.cat([x, cls[:, :, None, None].expand_as(x)], 1), size=(16, 24), mode="bilinear"
     )
     weights = torch.relu(depth.conv(literal)) + 0.1
-    assert torch.allclose(depth(x, cls, (16, 24)).bin_weights, weights / weights.sum(1, keepdim=True), atol=1e-6)
+    out = depth(x, cls, (16, 24), output_bin_weights=True)
+    assert torch.allclose(out.bin_weights, weights / weights.sum(1, keepdim=True), atol=1e-6)
+    # depth = Σ_k w_k·bin_k / Σ_k w_k equals the protocol's expectation over the normalised weights
+    bins = torch.linspace(1e-3, 10.0, 256)[None, :, None, None]
+    literal_depth = ((weights / weights.sum(1, keepdim=True)) * bins).sum(1, keepdim=True)
+    assert torch.allclose(out.depth, literal_depth.clamp(1e-3, 10.0), rtol=1e-5, atol=1e-5)
+    assert depth(x, cls, (16, 24)).bin_weights is None  # not computed unless asked for
+
+
+def test_probe_resizing_equals_interpolate():
+    # resize_bilinear (two matmuls) is F.interpolate's bilinear resize, values and gradients
+    x = torch.randn(3, 5, 7, 9, dtype=torch.float64, requires_grad=True)
+    for size in ((28, 36), (30, 41), (7, 9), (5, 6)):
+        ours = resize_bilinear(x, size)
+        theirs = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        assert torch.allclose(ours, theirs, atol=1e-12)
+        g = torch.randn_like(theirs)
+        (ours_grad,) = torch.autograd.grad(ours, x, g)
+        (theirs_grad,) = torch.autograd.grad(theirs, x, g)
+        assert torch.allclose(ours_grad, theirs_grad, atol=1e-12)
 
 
 def test_depth_losses_hand_computed():

@@ -35,6 +35,7 @@ from fit3d_hf.viz import feature_figure, loss_curves_figure
 from .config import STAGES, DemoConfig, DemoError, replication_configs, room_seeds, stage_settings
 from .report import replicated_comparisons, replication_lines, summary_markdown
 from .rerun import prepare_run_folder, run_stage
+from .workers import resolve_workers, run_jobs
 
 # What a finished run folder holds, as `run_demo` lists it: (name in DemoResult.paths, label, path).
 WRITTEN = (
@@ -106,11 +107,37 @@ def scenes_stage(run_dir: Path, config: DemoConfig, rooms: DemoRooms) -> None:
 
 
 def lift_stage(run_dir: Path, config: DemoConfig, backbone: torch.nn.Module, rooms: Sequence[Scene]) -> None:
-    """Stage 2: lift each fine-tuning room into lifted/ (`lift_scenes` skips finished rooms and resumes from checkpoints)."""
-    lift_config = LiftConfig.cpu_preset(
+    """Stage 2: lift each fine-tuning room into lifted/ (`lift_scenes` skips finished rooms and resumes from
+    checkpoints). With several workers (`workers.run_jobs`) they share the rooms and this process reads their reports."""
+    workers = resolve_workers(config.workers, len(rooms))
+    if workers > 1:
+        run_jobs([functools.partial(lift_share, run_dir, config, index, workers) for index in range(workers)], workers)
+    reports = lift_scenes(rooms, backbone, lift_config(config), output_dir=run_dir / "lifted", seed=config.seed)
+    print(summary_table(reports))
+
+
+def lift_config(config: DemoConfig) -> LiftConfig:
+    """The demo's lifting settings: the CPU preset with its steps and Gaussian counts."""
+    return LiftConfig.cpu_preset(
         iterations=config.lift_iterations, max_gaussians=config.lift_max_gaussians, init_points=config.lift_init_points
     )
-    print(summary_table(lift_scenes(rooms, backbone, lift_config, output_dir=run_dir / "lifted", seed=config.seed)))
+
+
+def lift_share(run_dir: Path, config: DemoConfig, index: int, count: int) -> None:
+    """A worker's share of stage 2, rooms index, index + count, ... (`lift_scenes`'s process_index / num_processes),
+    with the backbone and rooms made here as the demo's process makes them (both deterministic in the seeds)."""
+    backbone, _ = load_backbone_spec(config.backbone, config.seed)
+    backbone.requires_grad_(False).eval()
+    rooms = make_scenes(config, room_seeds(config)["finetune"])
+    lift_scenes(
+        rooms,
+        backbone,
+        lift_config(config),
+        output_dir=run_dir / "lifted",
+        seed=config.seed,
+        process_index=index,
+        num_processes=count,
+    )
 
 
 def render_stage(run_dir: Path, config: DemoConfig, backbone: torch.nn.Module, rooms: Sequence[Scene]) -> None:
@@ -221,7 +248,7 @@ def card_stage(run_dir: Path, config: DemoConfig, backbone_name: str) -> None:
     training = (
         f"Stage I: {config.num_train_scenes} procedural rooms ({config.scene_views} views, {config.scene_height}x{config.scene_width}) "
         f"lifted for {config.lift_iterations} steps each (CPU preset). Stage II: {config.finetune_steps} steps, batch "
-        f"{config.finetune_batch_size}, AdamW lr {config.learning_rate} (10x the paper's: 1e-5 barely moves a tiny ViT), on the rendered targets."
+        f"{config.finetune_batch_size}, AdamW lr {config.learning_rate} (the paper's is 1e-5, which barely moves a tiny ViT), on the rendered targets."
     )
     card_extra = {"model_name": f"fit3d-demo ({backbone_name})", "training": training, "limitations": limitations}
     if base_model := base_model_of(config.backbone):
