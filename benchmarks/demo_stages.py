@@ -89,12 +89,28 @@ class DemoRun:
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid` (all its threads), from /proc; None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    """User + system CPU seconds of process `pid` and its worker processes (all threads), from /proc: its
+    own, its ended children's (cutime, cstime) and its live descendants'; None once it is gone."""
+    own, children, parents = {}, {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        process = int(stat.parent.name)
+        parents[process] = int(fields[1])
+        own[process] = int(fields[11]) + int(fields[12])
+        children[process] = int(fields[13]) + int(fields[14])
+    if pid not in own:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree, grown = {pid}, True
+    while grown:
+        grown = False
+        for process, parent in parents.items():
+            if parent in tree and process not in tree:
+                tree.add(process)
+                grown = True
+    return (children[pid] + sum(own[process] for process in tree)) / os.sysconf("SC_CLK_TCK")
 
 
 def stage_cpu_seconds(timings: dict, samples: list[tuple[float, float]], ended: float) -> dict[str, float]:
@@ -163,7 +179,10 @@ def main() -> None:
             f"  {name}: load average {result['load_before']:.1f} before, {result['load_after']:.1f} after; {result['summary_line']}"
         )
     names = list(results)
-    for title, key in (("wall-clock seconds", "timings"), ("CPU seconds (user + system, all threads)", "cpu_s")):
+    for title, key in (
+        ("wall-clock seconds", "timings"),
+        ("CPU seconds (user + system, all threads and worker processes)", "cpu_s"),
+    ):
         print(f"\n{title}\n")
         header = "| stage | " + " | ".join(f"{n}" for n in names) + "".join(f" | {n} / this" for n in names[1:]) + " |"
         print(header)

@@ -91,8 +91,9 @@ class DemoConfig:
     workers: int = field(
         default=0,
         metadata={
-            "help": "Worker processes, one torch thread each, that lift the rooms side by side: 0 (default): one per "
-            "available core; 1: in this process, with --threads threads. Changes no result beyond float rounding."
+            "help": "Worker processes, one torch thread each, that lift the rooms, run the two fine-tunings and train each "
+            "probe seed's probes side by side: 0 (default): one per available core; 1: in this process, with --threads "
+            "threads. Changes no result beyond float rounding."
         },
     )
     fresh: bool = field(default=False, metadata={"help": "Delete the run folder's previous results and start over."})

@@ -6,13 +6,15 @@ later stages read what they need from the folder, so a stage reads the same whet
 it ran now or in an earlier run.
 """
 
+import contextlib
 import functools
+import io
 import json
 import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -180,14 +182,17 @@ def target_coverage(dataset_dir: Path) -> float:
 
 
 def finetune_stage(run_dir: Path, config: DemoConfig) -> None:
-    """Stage 4: Stage II on the lifted targets (model/) and on the blurred ones (control_blur/)."""
+    """Stage 4: Stage II on the lifted targets (model/) and on the blurred ones (control_blur/), the two runs
+    side by side when there are several workers (`workers.run_jobs`)."""
+    jobs = []
     for dataset, folder in (("targets", "model"), ("targets_blur", "control_blur")):
         output_dir = run_dir / folder
         # The checkpoints go last, after the model and its card: without them the folder is complete.
         if (output_dir / "model.safetensors").exists() and not (output_dir / "checkpoints").exists():
             print(f"{output_dir} exists: skipped")
             continue
-        finetune_model(config, run_dir / dataset, output_dir)
+        jobs.append(functools.partial(finetune_model, config, run_dir / dataset, output_dir))
+    run_jobs(jobs, resolve_workers(config.workers, len(jobs)))
 
 
 def finetune_model(config: DemoConfig, dataset_dir: Path, output_dir: Path) -> None:
@@ -208,8 +213,36 @@ def finetune_model(config: DemoConfig, dataset_dir: Path, output_dir: Path) -> N
 
 def evaluate_stage(run_dir: Path, config: DemoConfig) -> None:
     """Stage 5: the probe benchmark with every control, as `fit3d evaluate` runs it, into eval/
-    (features and finished probe runs are cached in eval/cache: an interrupted run resumes)."""
-    eval_args = EvaluationArguments(
+    (features and finished probe runs are cached in eval/cache: an interrupted run resumes).
+
+    With several workers (`workers.run_jobs`) each probe seed first runs in a worker (`probe_seed`),
+    into the shared cache; this process's pass over every seed then finds the probes trained.
+    """
+    seeds = list(config.probe_seeds)
+    workers = resolve_workers(config.workers, len(seeds))
+    if workers > 1:
+        run_jobs([functools.partial(probe_seed, run_dir, config, seed) for seed in seeds], workers)
+    evaluate(evaluation_arguments(run_dir, config), benchmark_config(config))
+
+
+def probe_seed(run_dir: Path, config: DemoConfig, seed: int) -> None:
+    """A worker's share of stage 5: the probes of one seed, cached in eval/cache (safe to share: each file is
+    written atomically and only a dead process's temporaries are removed). Its own report goes to a folder
+    removed afterwards; correspondence, which has no seed, is left to the pass over every seed."""
+    folder = run_dir / "eval" / f".seed-{seed}"
+    args = replace(evaluation_arguments(run_dir, config), output_dir=str(folder))
+    benchmark = replace(
+        benchmark_config(config), seeds=[seed], tasks=["segmentation", "depth"], cache_dir=str(run_dir / "eval" / "cache")
+    )
+    # The partial results table is not this stage's: only the pass over every seed prints one.
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluate(args, benchmark)
+    shutil.rmtree(folder)
+
+
+def evaluation_arguments(run_dir: Path, config: DemoConfig) -> EvaluationArguments:
+    """What stage 5 evaluates: the FiT3DModel in model/ against its original backbone, with every control."""
+    return EvaluationArguments(
         output_dir=str(run_dir / "eval"),
         # The baseline is the model's own original backbone: `--backbone` with a random spec would be drawn
         # from --control_seed, another random backbone than the one fine-tuned.
@@ -225,14 +258,17 @@ def evaluate_stage(run_dir: Path, config: DemoConfig) -> None:
         scene_height=config.scene_height,
         scene_width=config.scene_width,
     )
-    benchmark = BenchmarkConfig.cpu_preset(
+
+
+def benchmark_config(config: DemoConfig) -> BenchmarkConfig:
+    """How stage 5 probes: the CPU preset at the demo's probe size, seeds and steps."""
+    return BenchmarkConfig.cpu_preset(
         image_height=config.probe_height,
         image_width=config.probe_width,
         seeds=list(config.probe_seeds),
         seg_iterations=config.seg_iterations,
         depth_iterations=config.depth_iterations,
     )
-    evaluate(eval_args, benchmark)
 
 
 def card_stage(run_dir: Path, config: DemoConfig, backbone_name: str) -> None:

@@ -2,9 +2,10 @@
 
 A lifting step is a chain of small ops that a second torch thread barely speeds up: in the demo a
 room lifts at 9.4 it/s with two threads and 6.7 it/s with one, so two one-thread processes lifting
-two rooms side by side do 1.43x the work on a 2-core AVX2 machine (docs/performance.md). The demo
-lifts its rooms this way. Its fine-tuning runs stay in one process: a ViT step gains 1.5x from the
-second thread, and two one-thread runs side by side gained nothing once their start-up was paid.
+two rooms side by side do 1.43x the work on a 2-core AVX2 machine; probe training gains 1.37x and
+fine-tuning 1.27x the same way (docs/performance.md). On a busy machine one-thread processes also
+lose less: none waits for a partner thread that the scheduler has paused. So the demo lifts its
+rooms, runs its two fine-tunings and trains each probe seed's probes as jobs, one worker per core.
 """
 
 import multiprocessing
