@@ -8,8 +8,9 @@ import torch
 from fit3d_hf.pipeline.workers import available_cores, resolve_workers, run_jobs
 
 
-def test_workers_default_to_one_per_core_and_never_exceed_the_jobs():
-    assert resolve_workers(0, 5) == min(available_cores(), 5)
+def test_workers_default_to_one_per_job_and_at_most_two_per_core():
+    assert resolve_workers(0, 3) == min(2 * available_cores(), 3)
+    assert resolve_workers(0, 100) == 2 * available_cores()
     assert resolve_workers(3, 2) == 2 and resolve_workers(1, 4) == 1 and resolve_workers(0, 0) == 1
     with pytest.raises(ValueError, match="workers must be >= 0"):
         resolve_workers(-1, 2)

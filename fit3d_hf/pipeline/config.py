@@ -92,8 +92,8 @@ class DemoConfig:
         default=0,
         metadata={
             "help": "Worker processes, one torch thread each, that lift the rooms, run the two fine-tunings and train each "
-            "probe seed's probes side by side: 0 (default): one per available core; 1: in this process, with --threads "
-            "threads. Changes no result beyond float rounding."
+            "probe seed's probes side by side: 0 (default): one per job, at most two per available core; 1: in this "
+            "process, with --threads threads. Changes no result beyond float rounding."
         },
     )
     fresh: bool = field(default=False, metadata={"help": "Delete the run folder's previous results and start over."})
@@ -150,7 +150,7 @@ def replication_configs(config: DemoConfig) -> list[DemoConfig]:
     if config.replications < 1:
         raise DemoError(f"--replications must be >= 1, got {config.replications}")
     if config.workers < 0:
-        raise DemoError(f"--workers must be >= 0 (0: one per available core), got {config.workers}")
+        raise DemoError(f"--workers must be >= 0 (0: one per job, at most two per available core), got {config.workers}")
     configs = [replication_config(config, index) for index in range(config.replications)]
     seeds = [room_seeds(c) for c in configs]
     finetune = {seed for s in seeds for seed in s["finetune"]}
