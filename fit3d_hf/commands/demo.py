@@ -26,7 +26,7 @@ settings; --fresh starts over):
 fit3d_hf/embedded.py); --backbone facebook/dinov2-small or a local folder runs a real model where
 it is available (no download happens here when HF_HUB_OFFLINE=1).
 
-  fit3d demo                                   # about 3.5 minutes on 2 CPU cores
+  fit3d demo                                   # about 3 minutes on 2 idle CPU cores
   fit3d demo --backbone /models/dinov2-small   # a real backbone (slower)
   fit3d demo --replications 3                  # verdicts across 3 replications (3x the time)
   fit3d demo --fresh                           # start over
