@@ -4,7 +4,7 @@ Segmentation: BatchNorm + 1×1 conv on the last layer's normed patch features; l
 bilinearly upsampled to the label size; cross-entropy ignoring 255.
 
 Every bilinear resize here is `resize_bilinear`: F.interpolate's weights applied as two matmuls,
-the same numbers up to float rounding and, forward and backward, 2-4× faster on CPU.
+the same numbers up to float rounding and, forward and backward, about 2× faster on a CPU.
 
 Depth: the last layer's patch features *without* the final norm, concatenated with the CLS
 token broadcast over the grid; upsampled ×4; a 1×1 conv to 256 bins spread uniformly over
